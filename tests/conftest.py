@@ -1,0 +1,55 @@
+"""Shared fixtures: a small built-in data set, generated once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from vlm.data.synthetic import SyntheticData
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> SyntheticData:
+    data = SyntheticData(
+        str(tmp_path_factory.mktemp("data") / "synthetic"), train_size=256, val_size=64, test_size=64, shard_size=64
+    )
+    data.ensure()
+    return data
+
+
+@pytest.fixture(scope="session")
+def data_dir(synthetic) -> str:
+    """A ``paths.data_dir`` whose ``synthetic/`` holds the small data set (pass the sizes too: see SMALL_DATA)."""
+    from pathlib import Path
+
+    return str(Path(synthetic.root).parent)
+
+
+# Overrides that point a composed config at the session's small data set (with `paths.data_dir=<data_dir>`).
+SMALL_DATA = [
+    "data.generate.train_size=256",
+    "data.generate.val_size=64",
+    "data.generate.test_size=64",
+    "data.generate.shard_size=64",
+]
+
+
+def compose_config(overrides: list[str], output_dir: str | None = None):
+    """The config `python -m vlm.train <overrides>` would run, composed in-process (``hydra:`` keys resolved)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = output_dir
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

@@ -1,0 +1,107 @@
+"""python -m vlm.bench [step] [--out DIR]: speed reports, printed as a table and written as JSON.
+
+Benchmarks compare side by side in one process (ratios), since machines are noisy; they never assert.
+
+    step   training-step throughput of the model presets, fp32 against bf16 autocast, on synthetic batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+
+def synthetic_batch(batch: int, text_len: int, height: int, width: int, vocab: int):
+    from vlm.data.collate import Batch
+    from vlm.models.objectives import IGNORE
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, text_len), generator=g)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 1 : 1 + max(1, text_len * 15 // 100)] = ids[:, 1 : 1 + max(1, text_len * 15 // 100)]
+    return Batch(
+        keys=[str(i) for i in range(batch)],
+        images=torch.randn(batch, 3, height, width, generator=g),
+        pixel_mask=torch.ones(batch, height, width, dtype=torch.bool),
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mlm_ids=ids,
+        mlm_labels=labels,
+        itm_index=torch.arange(batch).roll(1),
+        itm_labels=torch.zeros(batch, dtype=torch.long),
+    )
+
+
+def time_steps(task, batch, precision: str, repeats: int) -> list[float]:
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-5)
+    times = []
+    for i in range(repeats + 1):  # the first step warms up and is not counted
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = task.compute(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_step(args) -> dict:
+    from hydra.utils import instantiate
+
+    from vlm.cli import compose_model
+    from vlm.tasks.pretrain import PretrainLitModule
+
+    rows = []
+    cases = [("vilt_tiny", 64, 192, 320, 209), ("vilt_base", 8, 384, 640, 30522)]
+    for preset, batch, h, w, vocab in cases:
+        model = instantiate(compose_model(preset), vocab_size=vocab)
+        task = PretrainLitModule(model).train()
+        data = synthetic_batch(batch, 40 if preset == "vilt_base" else 30, h, w, vocab)
+        result = {"model": preset, "batch": batch, "image": f"{h}x{w}"}
+        for precision in ("fp32", "bf16"):
+            med = statistics.median(time_steps(task, data, precision, args.repeats))
+            result[f"{precision}_ms"] = med * 1e3
+            result[f"{precision}_samples_per_s"] = batch / med
+        result["bf16_speedup"] = result["fp32_ms"] / result["bf16_ms"]
+        rows.append(result)
+    table = Table(title=f"training step (ITM + MLM passes, AdamW), {torch.get_num_threads()} threads")
+    for col in ("model", "batch", "image", "fp32 ms", "bf16 ms", "bf16 speed-up", "bf16 samples/s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["model"], str(r["batch"]), r["image"], f"{r['fp32_ms']:.0f}", f"{r['bf16_ms']:.0f}",
+                      f"{r['bf16_speedup']:.2f}x", f"{r['bf16_samples_per_s']:.1f}")
+    Console().print(table)
+    return {"rows": rows}
+
+
+BENCHES = {"step": bench_step}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m vlm.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("which", nargs="*", default=list(BENCHES), choices=list(BENCHES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="bench", help="folder for <bench>.json")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.which:
+        result = BENCHES[name](args)
+        result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                             "torch": torch.__version__}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote {out / f'{name}.json'}")
+
+
+if __name__ == "__main__":
+    main()

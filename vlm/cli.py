@@ -1,0 +1,23 @@
+"""Composing configs outside `python -m vlm.train` (benchmarks, tools, tests) from the same conf/ tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    """The training config for these overrides, without running anything (``hydra:`` keys left unresolved)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides or []))
+
+
+def compose_model(preset: str, *overrides: str) -> DictConfig:
+    """``model=<preset>`` as the training config would build it."""
+    return compose_train([f"model={preset}", *overrides]).model

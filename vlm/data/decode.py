@@ -1,0 +1,55 @@
+"""Image bytes -> RGB PIL image, or a `BadSample` naming why not. We decode, never `datasets`:
+one truncated JPEG must cost one sample, not the stream."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+Image.MAX_IMAGE_PIXELS = 200_000_000  # far above any sane image, still a cap on decompression bombs
+
+
+class BadSample(Exception):
+    """A sample to skip; ``reason`` is the short name it is counted under (``data/skipped_<reason>``)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0) -> Image.Image:
+    """Decode and convert to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit all converted, not dropped)."""
+    if not data:
+        raise BadSample("no_image")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except Exception as e:  # PIL raises many types for broken bytes
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    w, h = img.size
+    if min(w, h) < min_side:
+        raise BadSample("tiny_image", f"{w}x{h}")
+    if max(w, h) / min(w, h) > max_aspect:
+        raise BadSample("extreme_aspect", f"{w}x{h}")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale to 8 bits
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...

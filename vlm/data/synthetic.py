@@ -1,0 +1,334 @@
+"""The built-in data set: scenes of coloured shapes with captions, boxes, questions and pair statements.
+
+Written as ordinary webdataset shards (``KEY.jpg`` + ``KEY.json``) so the default run streams through the
+same code path as real data. Every sample is a pure function of (seed, split, index), so the data set is
+reproducible byte for byte. Some colour-shape combinations never occur in ``train``/``val``; the
+``test_compositional`` split puts at least one of them in every scene.
+
+    python -m vlm.data.synthetic --out data/synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+COLORS = {
+    "red": (215, 40, 40),
+    "orange": (245, 140, 25),
+    "yellow": (240, 225, 45),
+    "green": (45, 175, 70),
+    "blue": (45, 95, 235),
+    "purple": (150, 60, 205),
+    "white": (242, 242, 242),
+}
+SIZES = {"small": (0.14, 0.20), "large": (0.27, 0.35)}  # object diameter as a fraction of the shorter side
+# One held-out shape per colour (orange is never held out): seen separately in training, never together.
+HELD_OUT = frozenset(
+    {("red", "triangle"), ("blue", "circle"), ("green", "square"), ("yellow", "star"), ("purple", "diamond"), ("white", "cross")}
+)
+SPLITS = {"train": 0, "val": 1, "test_compositional": 2}
+NUMBERS = ("zero", "one", "two", "three", "four")
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    box: tuple[int, int, int, int]  # pixel x1, y1, x2, y2 (exclusive)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    def phrase(self, rng: np.random.Generator, with_size: bool | None = None) -> str:
+        if with_size is None:
+            with_size = rng.random() < 0.5
+        return f"{self.size} {self.color} {self.shape}" if with_size else f"{self.color} {self.shape}"
+
+
+def _combos(split: str) -> list[tuple[str, str]]:
+    every = [(c, s) for c in COLORS for s in SHAPES]
+    if split == "test_compositional":
+        return sorted(HELD_OUT)
+    return [cs for cs in every if cs not in HELD_OUT]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    cx, cy = x1 + w / 2, y1 + h / 2
+    r = min(w, h) / 2
+    if shape == "circle":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y1), (x2 - 1, cy), (cx, y2 - 1), (x1, cy)], fill=fill)
+    elif shape == "cross":
+        t = w / 3
+        draw.rectangle([x1 + t, y1, x2 - 1 - t, y2 - 1], fill=fill)
+        draw.rectangle([x1, y1 + t, x2 - 1, y2 - 1 - t], fill=fill)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        draw.polygon(pts, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _relation(a: Obj, b: Obj) -> str:
+    (ax, ay), (bx, by) = a.center, b.center
+    if abs(ax - bx) >= abs(ay - by):
+        return "to the left of" if ax < bx else "to the right of"
+    return "above" if ay < by else "below"
+
+
+def _caption(objs: list[Obj], rng: np.random.Generator) -> str:
+    if len(objs) == 1:
+        o = objs[0]
+        templates = ("{a}.", "there is {a}.", "{a} on a dark background.", "one {p} and nothing else.")
+        p = o.phrase(rng)
+        return templates[rng.integers(len(templates))].format(a=_a(p), p=p)
+    order = list(rng.permutation(len(objs)))
+    a, b = objs[order[0]], objs[order[1]]
+    rel = _relation(a, b)
+    if rng.random() < 0.5:
+        head = f"{_a(a.phrase(rng))} {rel} {_a(b.phrase(rng))}"
+    else:
+        head = f"the {a.phrase(rng)} is {rel} the {b.phrase(rng)}"
+    rest = [objs[i] for i in order[2:]]
+    if not rest:
+        text = head + "."
+    elif rng.random() < 0.5:
+        text = head + ", and " + " and ".join(_a(o.phrase(rng)) for o in rest) + "."
+    else:
+        text = head + ". there is also " + " and ".join(_a(o.phrase(rng)) for o in rest) + "."
+    if rng.random() < 0.3:
+        text = f"{NUMBERS[len(objs)]} shapes: " + text
+    return text
+
+
+def _questions(objs: list[Obj], rng: np.random.Generator, combos: list[tuple[str, str]]) -> list[dict]:
+    qa = [{"question": "how many shapes are there?", "answer": NUMBERS[len(objs)], "type": "count"}]
+    shapes = [o.shape for o in objs]
+    colors = [o.color for o in objs]
+    unique_shape = [o for o in objs if shapes.count(o.shape) == 1]
+    if unique_shape:
+        o = unique_shape[rng.integers(len(unique_shape))]
+        qa.append({"question": f"what color is the {o.shape}?", "answer": o.color, "type": "color"})
+    unique_color = [o for o in objs if colors.count(o.color) == 1]
+    if unique_color:
+        o = unique_color[rng.integers(len(unique_color))]
+        qa.append({"question": f"what shape is the {o.color} object?", "answer": o.shape, "type": "shape"})
+    present = {(o.color, o.shape) for o in objs}
+    if rng.random() < 0.5:
+        c, s = list(present)[rng.integers(len(present))]
+        qa.append({"question": f"is there {_a(c)} {s}?", "answer": "yes", "type": "exist"})
+    else:
+        absent = [cs for cs in combos if cs not in present]
+        c, s = absent[rng.integers(len(absent))]
+        qa.append({"question": f"is there {_a(c)} {s}?", "answer": "no", "type": "exist"})
+    return qa
+
+
+def _pair_statement(left: list[Obj], right: list[Obj], rng: np.random.Generator) -> tuple[str, bool]:
+    kind = rng.integers(4)
+    if kind == 0:
+        return "the left image has more shapes than the right image.", len(left) > len(right)
+    if kind == 1:
+        c = list(COLORS)[rng.integers(len(COLORS))]
+        truth = any(o.color == c for o in left) and any(o.color == c for o in right)
+        return f"both images contain {_a(c)} shape.", truth
+    if kind == 2:
+        s = SHAPES[rng.integers(len(SHAPES))]
+        truth = any(o.shape == s for o in left) != any(o.shape == s for o in right)
+        return f"exactly one image contains a {s}.", truth
+    o = (left + right)[rng.integers(len(left) + len(right))]
+    return f"the right image contains {_a(o.color)} {o.shape}.", any((p.color, p.shape) == (o.color, o.shape) for p in right)
+
+
+def layout(seed: int, split: str, index: int) -> tuple[int, int, list[Obj]]:
+    """Canvas size and objects of one scene, a pure function of its arguments (no pixels drawn)."""
+    rng = np.random.default_rng([seed, SPLITS[split], index, 0])
+    short = int(rng.integers(112, 177))
+    long = int(round(short * rng.uniform(1.0, 1.75)))
+    w, h = (long, short) if rng.random() < 0.6 else (short, long)
+    combos = _combos(split)
+    objs: list[Obj] = []
+    for k in range(int(rng.integers(1, 5))):
+        if split == "test_compositional" and k == 0:
+            color, shape = combos[rng.integers(len(combos))]
+        else:
+            allowed = _combos("train")
+            color, shape = allowed[rng.integers(len(allowed))]
+        size = "small" if rng.random() < 0.5 else "large"
+        lo, hi = SIZES[size]
+        d = int(round(min(w, h) * rng.uniform(lo, hi)))
+        for _attempt in range(40):
+            x, y = int(rng.integers(2, w - d - 1)), int(rng.integers(2, h - d - 1))
+            box = (x, y, x + d, y + d)
+            if all(box[2] + 3 <= o.box[0] or o.box[2] + 3 <= box[0] or box[3] + 3 <= o.box[1] or o.box[3] + 3 <= box[1] for o in objs):
+                objs.append(Obj(shape, color, size, box))
+                break
+    return w, h, objs
+
+
+def render(seed: int, split: str, index: int, w: int, h: int, objs: list[Obj]) -> Image.Image:
+    """Muted noisy background, thin grey clutter strokes, then the shapes."""
+    rng = np.random.default_rng([seed, SPLITS[split], index, 1])
+    bg = rng.integers(25, 100, size=3)
+    bg = (bg * 0.5 + bg.mean() * 0.5).astype(np.int16)  # muted, never a shape colour
+    noise = rng.integers(-6, 7, size=(h, w, 1), dtype=np.int16)
+    img = Image.fromarray(np.clip(bg[None, None, :] + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        g = int(rng.integers(60, 170))
+        xy = [int(rng.integers(w)), int(rng.integers(h)), int(rng.integers(w)), int(rng.integers(h))]
+        draw.line(xy, fill=(g, g, g), width=int(rng.integers(1, 3)))
+    for o in objs:
+        _draw_shape(draw, o.shape, o.box, COLORS[o.color])
+    return img
+
+
+def make_sample(seed: int, split: str, index: int, partner: int) -> tuple[str, bytes, dict]:
+    w, h, objs = layout(seed, split, index)
+    img = render(seed, split, index, w, h, objs)
+    partner_objs = layout(seed, split, partner)[2]
+    rng = np.random.default_rng([seed, SPLITS[split], index, 2])
+    statement, label = _pair_statement(objs, partner_objs, rng)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    key = f"{split}-{index:07d}"
+    meta = {
+        "caption": _caption(objs, rng),
+        "width": img.width,
+        "height": img.height,
+        "boxes": [list(o.box) for o in objs],
+        "labels": [SHAPES.index(o.shape) for o in objs],
+        "objects": [{"shape": o.shape, "color": o.color, "size": o.size} for o in objs],
+        "qa": _questions(objs, rng, _combos(split)),
+        "pair": {"partner": f"{split}-{partner:07d}", "statement": statement, "label": label},
+    }
+    return key, buf.getvalue(), meta
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # fixed header fields keep shards identical byte for byte
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: str, seed: int, split: str, start: int, stop: int, total: int) -> int:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(start, stop):
+            partner = (i + 1 + int(np.random.default_rng([seed, 99, SPLITS[split], i]).integers(total - 1))) % total
+            key, jpg, meta = make_sample(seed, split, i, partner)
+            _add(tar, f"{key}.jpg", jpg)
+            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+    os.replace(tmp, path)
+    return stop - start
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """Parameters of the built-in data set; ``ensure()`` writes it (and its tokenizer) once."""
+
+    root: str
+    seed: int = 0
+    train_size: int = 20000
+    val_size: int = 1000
+    test_size: int = 1000
+    shard_size: int = 500
+    workers: int = 2
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": self.train_size, "val": self.val_size, "test_compositional": self.test_size}
+
+    def shards(self, split: str) -> list[str]:
+        n = math.ceil(self.sizes()[split] / self.shard_size)
+        return [str(Path(self.root) / f"{split}-{k:05d}.tar") for k in range(n)]
+
+    def fingerprint(self) -> str:
+        params = {k: v for k, v in asdict(self).items() if k not in ("root", "workers")}
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+    def ensure(self) -> bool:
+        """Generate what is missing; True when anything was written."""
+        root = Path(self.root)
+        stamp = root / "DONE"
+        if stamp.exists() and stamp.read_text().strip() == self.fingerprint():
+            return False
+        root.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        jobs = []
+        for split, total in self.sizes().items():
+            for k, path in enumerate(self.shards(split)):
+                start = k * self.shard_size
+                jobs.append((path, self.seed, split, start, min(start + self.shard_size, total), total))
+        with ProcessPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            n = sum(pool.map(write_shard, *zip(*jobs)))
+        from vlm.data.tokenizer import train_wordpiece
+
+        train_wordpiece(caption_texts(self.shards("train")), root / "tokenizer")
+        stamp.write_text(self.fingerprint() + "\n")
+        print(f"synthetic: wrote {n} samples in {len(jobs)} shards to {root} in {time.time() - t0:.1f}s")
+        return True
+
+
+def caption_texts(shards: list[str]):
+    """Every text a model may read in the built-in data: captions, questions, answers, statements."""
+    for path in shards:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    yield meta["caption"]
+                    for qa in meta["qa"]:
+                        yield qa["question"] + " " + qa["answer"]
+                    yield meta["pair"]["statement"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m vlm.data.synthetic")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=20000)
+    p.add_argument("--val-size", type=int, default=1000)
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args()
+    data = SyntheticData(a.out, a.seed, a.train_size, a.val_size, a.test_size, a.shard_size, a.workers)
+    if not data.ensure():
+        print(f"synthetic: {a.out} is already complete")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Visual embedders: pixels (and boxes) in, a padded sequence of visual tokens out."""
+
+from vlm.models.embedders.base import VisualEmbedder, VisualTokens
+
+__all__ = ["VisualEmbedder", "VisualTokens"]

@@ -1,0 +1,83 @@
+"""The one interface every visual embedder implements, so the transformer never knows which it has."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class VisualTokens:
+    """A padded batch of visual tokens, position information already added.
+
+    embeds: [B, N, D]; mask: [B, N], True for a real token; boxes: [B, N, 4] pixel xyxy extent of each
+    token where it has one (for alignment pictures); cls_pos: [D], a position term the transformer adds to
+    its image [CLS] (ViT's table has one; embedders without it leave None).
+    """
+
+    embeds: Tensor
+    mask: Tensor
+    boxes: Tensor | None = None
+    cls_pos: Tensor | None = None
+
+    def select(self, index: Tensor) -> "VisualTokens":
+        """The tokens of images ``index`` (e.g. the ITM pass's mismatched images), without embedding again."""
+        boxes = None if self.boxes is None else self.boxes[index]
+        return VisualTokens(self.embeds[index], self.mask[index], boxes, self.cls_pos)
+
+
+class VisualEmbedder(nn.Module, ABC):
+    """Base class: ``forward(images, pixel_mask, boxes=None) -> VisualTokens``.
+
+    ``max_tokens`` caps N the same way for every family (> 0: at most that many tokens per image; <= 0: all).
+    ``freeze`` stops its gradients; ``lr_mult`` scales its learning rate in the task's optimiser.
+    """
+
+    def __init__(self, hidden_size: int, max_tokens: int = -1, freeze: bool = False, lr_mult: float = 1.0):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.max_tokens = max_tokens
+        self.freeze = freeze
+        self.lr_mult = lr_mult
+
+    def finish_init(self) -> None:
+        """Call at the end of a subclass's __init__: applies ``freeze`` once every parameter exists."""
+        if self.freeze:
+            self.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        # a frozen embedder stays in eval mode (BatchNorm statistics, dropout) whatever the model does
+        return super().train(mode and not self.freeze)
+
+    @abstractmethod
+    def forward(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None) -> VisualTokens:
+        """images [B, 3, H, W] normalised, pixel_mask [B, H, W] (True = real pixel), boxes: per image [K, 4]."""
+
+
+def select_tokens(valid: Tensor, max_tokens: int) -> tuple[Tensor, Tensor]:
+    """Choose at most ``max_tokens`` valid positions per row, uniformly without replacement.
+
+    valid: [B, P] bool. Returns (index [B, N], mask [B, N]) with N = min(max_tokens, most valid in a row)
+    (all valid when max_tokens <= 0). Chosen positions come in ascending (raster) order, real tokens
+    first; rows with fewer valid positions are filled with masked padding positions. Vectorised: the
+    top-N of random keys is a uniform sample without replacement.
+    """
+    b, p = valid.shape
+    n_valid = valid.sum(1)
+    most = int(n_valid.max()) if b else 0
+    n = most if max_tokens <= 0 else min(max_tokens, most)
+    n = max(n, 1)
+    if max_tokens > 0 and most > max_tokens:
+        keys = torch.rand(b, p, device=valid.device)
+    else:  # keep the first positions in raster order (all of them when nothing has to go)
+        keys = -torch.arange(p, device=valid.device, dtype=torch.float32).expand(b, p) / p
+    # padding ranks below every real position, lowest index first
+    keys = torch.where(valid, keys, -2.0 - torch.arange(p, device=valid.device, dtype=torch.float32) / p)
+    index = keys.topk(n, dim=1).indices
+    chosen = valid.gather(1, index)
+    order = (index + p * (~chosen).long()).argsort(dim=1)
+    index = index.gather(1, order)
+    return index, valid.gather(1, index)

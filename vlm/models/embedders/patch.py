@@ -1,0 +1,50 @@
+"""Patch projection (ViLT, SPEC §2): one strided convolution maps pixels straight to tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
+from vlm.models.embedders.positions import resize_grid_table
+
+
+class PatchEmbedder(VisualEmbedder):
+    """Conv2d(3, D, p, stride p) + ViT's learned position table resized to each image's patch grid.
+
+    ``pos_embed`` is ViT's [1, 1 + G*G, D] table for a square ``image_size`` input (entry 0 belongs to the
+    image [CLS]), so ViT and ViLT weights load by name. A patch is real when the top-left pixel of its
+    cell is real (images are padded bottom/right, to multiples of the patch size).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        patch_size: int = 32,
+        image_size: int = 384,
+        max_tokens: int = 200,
+        in_chans: int = 3,
+        freeze: bool = False,
+        lr_mult: float = 1.0,
+    ):
+        super().__init__(hidden_size, max_tokens, freeze, lr_mult)
+        self.patch_size = patch_size
+        self.grid = image_size // patch_size
+        self.proj = nn.Conv2d(in_chans, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, hidden_size))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.finish_init()
+
+    def forward(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None) -> VisualTokens:
+        p, d = self.patch_size, self.hidden_size
+        x = self.proj(images)  # [B, D, gh, gw]
+        gh, gw = x.shape[2:]
+        valid = pixel_mask[:, : gh * p : p, : gw * p : p].bool()  # [B, gh, gw]
+        heights, widths = valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)
+        table = self.pos_embed[0, 1:].T.reshape(d, self.grid, self.grid)
+        x = (x + resize_grid_table(table, heights, widths, gh, gw).to(x.dtype)).flatten(2).transpose(1, 2)
+        index, mask = select_tokens(valid.flatten(1), self.max_tokens)
+        row, col = index // gw, index % gw
+        token_boxes = torch.stack([col * p, row * p, col * p + p, row * p + p], dim=-1).to(x.dtype)
+        embeds = x.gather(1, index[..., None].expand(-1, -1, d))
+        return VisualTokens(embeds=embeds, mask=mask, boxes=token_boxes, cls_pos=self.pos_embed[0, 0])

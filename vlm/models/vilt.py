@@ -1,0 +1,159 @@
+"""ViLT: one transformer over [text tokens; image CLS; visual tokens] (SPEC §2).
+
+The same module runs whichever visual embedder feeds it, which is what makes an embedder comparison
+fair. Names follow the original ViLT / timm ViT (``blocks.{i}.attn.qkv``, ``norm1``, ...) so ViT and
+ViLT weights load by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from vlm.models.embedders.base import VisualEmbedder, VisualTokens
+
+
+@dataclass
+class ViltOutput:
+    """``last_hidden_state`` is [B, L + 1 + N, D]: L text positions, the image CLS, N visual tokens."""
+
+    last_hidden_state: Tensor
+    pooler_output: Tensor
+    text_mask: Tensor  # [B, L]
+    image_mask: Tensor  # [B, 1 + N], the image CLS included
+    image_boxes: Tensor | None = None  # [B, N, 4] pixel extent of each visual token, where it has one
+
+    @property
+    def text_len(self) -> int:
+        return self.text_mask.shape[1]
+
+    @property
+    def text_states(self) -> Tensor:
+        return self.last_hidden_state[:, : self.text_len]
+
+    @property
+    def image_states(self) -> Tensor:
+        """[B, 1 + N, D]: the image CLS, then the visual tokens."""
+        return self.last_hidden_state[:, self.text_len :]
+
+
+class TextEmbeddings(nn.Module):
+    """BERT embeddings: word + learned position + token type (always 0), LayerNorm, dropout."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_len: int, eps: float, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(max_len, hidden_size)
+        self.token_type_embeddings = nn.Embedding(2, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        n = input_ids.shape[1]
+        if n > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {n} tokens is longer than max_text_len={self.position_embeddings.num_embeddings}")
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:n] + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class Pooler(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class ViLT(nn.Module):
+    def __init__(
+        self,
+        embedder: VisualEmbedder,
+        vocab_size: int,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        max_text_len: int = 40,
+        dropout: float = 0.1,
+        layer_norm_eps: float = 1e-6,
+        text_layer_norm_eps: float = 1e-12,
+        qkv_bias: bool = True,
+        num_modality_types: int = 2,
+    ):
+        super().__init__()
+        if embedder.hidden_size != hidden_size:
+            raise ValueError(f"embedder.hidden_size={embedder.hidden_size} differs from hidden_size={hidden_size}")
+        self.hidden_size = hidden_size
+        self.text_embeddings = TextEmbeddings(vocab_size, hidden_size, max_text_len, text_layer_norm_eps, dropout)
+        self.embedder = embedder
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.token_type_embeddings = nn.Embedding(num_modality_types, hidden_size)  # modality: 0 text, 1 image
+        self.pos_drop = nn.Dropout(dropout)
+        norm = partial(nn.LayerNorm, eps=layer_norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(hidden_size, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=dropout, attn_drop=dropout, norm_layer=norm)
+            for _ in range(num_layers)
+        )
+        self.norm = norm(hidden_size)
+        self.pooler = Pooler(hidden_size)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def embed_image(self, visual: VisualTokens, token_type: int = 1) -> tuple[Tensor, Tensor]:
+        """[image CLS; visual tokens] with the modality type added: ([B, 1 + N, D], mask [B, 1 + N])."""
+        b = visual.embeds.shape[0]
+        cls = self.cls_token.expand(b, -1, -1)
+        if visual.cls_pos is not None:
+            cls = cls + visual.cls_pos
+        x = torch.cat([cls.to(visual.embeds.dtype), visual.embeds], dim=1)
+        x = self.pos_drop(x) + self.token_type_embeddings.weight[token_type]
+        mask = torch.cat([visual.mask.new_ones(b, 1), visual.mask], dim=1)
+        return x, mask
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        boxes: list[Tensor] | None = None,
+        visual: VisualTokens | None = None,
+        image_token_type: int = 1,
+    ) -> ViltOutput:
+        """Pass ``images``/``pixel_mask`` (and ``boxes``), or ``visual`` tokens embedded beforehand."""
+        if visual is None:
+            if pixel_mask is None:
+                pixel_mask = images.new_ones(images.shape[0], *images.shape[2:], dtype=torch.bool)
+            visual = self.embedder(images, pixel_mask, boxes)
+        text = self.text_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        image, image_mask = self.embed_image(visual, image_token_type)
+        text_mask = attention_mask.bool()
+        x = torch.cat([text.to(image.dtype), image], dim=1)
+        mask = torch.cat([text_mask, image_mask], dim=1)
+        attn_mask = mask[:, None, None, :]  # keys that may be attended to, for every query and head
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        x = self.norm(x)
+        return ViltOutput(
+            last_hidden_state=x,
+            pooler_output=self.pooler(x),
+            text_mask=text_mask,
+            image_mask=image_mask,
+            image_boxes=visual.boxes,
+        )
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViLT's initialisation for new modules: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()

@@ -1,0 +1,82 @@
+"""python -m vlm.train: compose the config, instantiate, fit, validate, print the final metrics."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors reach `main`, which reports them on one line
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from vlm.config import ConfigError, check, reported
+from vlm.report import print_metrics, print_skipped
+
+
+def devices_of(trainer_cfg: DictConfig) -> int:
+    d = trainer_cfg.get("devices", 1)
+    n = len(d) if isinstance(d, (list, tuple)) or OmegaConf.is_list(d) else d
+    if n in ("auto", -1):
+        n = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") else 1
+    return max(1, int(n)) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def build(cfg: DictConfig):
+    """Data module, task (model inside), trainer: everything a run needs, from the config."""
+    check(cfg, derived=frozenset({"model.vocab_size"}))
+    L.seed_everything(cfg.seed, workers=True)
+    dm = instantiate(cfg.data)
+    try:
+        accumulate = dm.accumulation(devices_of(cfg.trainer))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or dm.vocab_size)
+    task = instantiate(cfg.task, model=model)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not loggers:  # nothing to report learning rates to (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    every = cfg.trainer.get("val_check_interval")
+    if isinstance(every, int):  # the config counts optimiser steps, Lightning counts micro-batches
+        every *= accumulate
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, accumulate_grad_batches=accumulate,
+        val_check_interval=every,
+    )
+    for lg in trainer.loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return dm, task, trainer
+
+
+def train(cfg: DictConfig) -> float | None:
+    dm, task, trainer = build(cfg)
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        metrics = trainer.validate(task, datamodule=dm, verbose=False)[0]
+        print_metrics(metrics)
+        print_skipped(dm.skipped)
+    finally:
+        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
+            import wandb
+
+            wandb.finish()  # the next job of a sweep starts a run of its own
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+def main() -> None:
+    with reported("vlm.train"):
+        _main()
+
+
+if __name__ == "__main__":
+    main()
