@@ -157,7 +157,7 @@ def read_checkpoint(path: str | Path, num_heads: int | None = None, trust_pickle
         return hf_checkpoint(p)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    obj = _load_file(p, trust_pickle)
+    obj = load_file(p, trust_pickle)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a checkpoint")
     if "format" in obj:
@@ -176,6 +176,25 @@ def read_checkpoint(path: str | Path, num_heads: int | None = None, trust_pickle
         f"{path}: not a checkpoint this project reads (ours, a training run's, a transformers ViLT directory, "
         "an original ViLT .ckpt or a timm ViT state dict)"
     )
+
+
+def load_file(path: Path, trust_pickle: bool = False) -> Any:
+    """What a weights file holds: ``.safetensors`` by safetensors, anything else by ``torch.load`` with
+    ``weights_only=True`` (memory-mapped where it can be) unless ``trust_pickle``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        return load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: holds pickled Python objects torch will not load safely ({first[:120]}); "
+                             "if you trust the file: python -m vlm.convert --trust-pickle ...") from None
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_into(model: ViLT, ckpt: Checkpoint, origin: str = "checkpoint") -> None:
@@ -529,7 +548,7 @@ def original_checkpoint(obj: Mapping[str, Any], num_heads: int | None = None) ->
 
 def from_original_vilt(source, num_heads: int | None = None, trust_pickle: bool = False) -> tuple[ViLT, dict[str, nn.Module]]:
     """Our ViLT and heads from an original ViLT checkpoint (a path, or the loaded dict)."""
-    obj = _load_file(Path(source), trust_pickle) if isinstance(source, (str, Path)) else source
+    obj = load_file(Path(source), trust_pickle) if isinstance(source, (str, Path)) else source
     return build(original_checkpoint(obj, num_heads))
 
 
@@ -551,7 +570,7 @@ def vit_checkpoint(state: Mapping[str, Tensor], num_heads: int | None = None) ->
 
 def init_from_vit(model: ViLT, path: str | Path) -> None:
     """Initialise ``model``'s transformer and patch projection from a timm ViT state-dict file (.pth, .safetensors)."""
-    obj = _load_file(Path(path), trust_pickle=False)
+    obj = load_file(Path(path), trust_pickle=False)
     load_into(model, vit_checkpoint(obj.get("state_dict", obj.get("model", obj))), origin=str(path))
 
 
@@ -660,23 +679,6 @@ def _fit_modality_types(state: dict[str, Tensor], own: Mapping[str, Tensor], ori
     extra = state[key][1:2].expand(own[key].shape[0] - state[key].shape[0], -1)
     log.info("init_from %s: modality types %d..%d start from the image row", origin, state[key].shape[0], own[key].shape[0] - 1)
     return {**state, key: torch.cat([state[key], extra])}
-
-
-def _load_file(path: Path, trust_pickle: bool) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        if not trust_pickle:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: holds pickled Python objects torch will not load safely ({first[:120]}); "
-                             "if you trust the file: python -m vlm.convert --trust-pickle ...") from None
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _few(keys, n: int = 5) -> str:
