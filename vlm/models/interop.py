@@ -439,18 +439,17 @@ def to_hf_vilt(model: ViLT, heads: Mapping[str, nn.Module] | None = None, head: 
 
 
 def _hf_head_node(name: str, c) -> dict[str, Any]:
+    """The node of our head that holds a transformers task class's head."""
     if name == "mlm_score":
         return {"_target_": "vlm.models.heads.MLMHead", "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
                 "eps": c.layer_norm_eps}
-    if name in ("vqa_classifier", "nlvr2_classifier"):
-        labels = [str(c.id2label[i]) for i in range(c.num_labels)]
+    if name == "rank_output":
+        return {"_target_": "vlm.models.heads.RankHead", "hidden_size": c.hidden_size}
+    node = {"hidden_size": c.hidden_size, "num_labels": c.num_labels,
+            "labels": [str(c.id2label[i]) for i in range(c.num_labels)]}  # e.g. VQA's answers
     if name == "vqa_classifier":
-        return {"_target_": "vlm.models.heads.VQAHead", "hidden_size": c.hidden_size, "num_labels": c.num_labels,
-                "labels": labels}
-    if name == "nlvr2_classifier":
-        return {"_target_": "vlm.models.heads.NLVR2Head", "hidden_size": c.hidden_size, "num_images": c.num_images,
-                "num_labels": c.num_labels, "labels": labels}
-    return {"_target_": "vlm.models.heads.RankHead", "hidden_size": c.hidden_size}
+        return {"_target_": "vlm.models.heads.VQAHead", **node}
+    return {"_target_": "vlm.models.heads.NLVR2Head", "num_images": c.num_images, **node}
 
 
 def _hf_class_of(state: Mapping[str, Tensor], c) -> str:
