@@ -94,3 +94,20 @@ def test_init_from_another_architecture_is_a_one_line_error(data_dir, tmp_path):
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]  # after Lightning's and Hydra's own notes
     assert last.startswith("vlm.train: error:") and "vit.pth has hidden_size=64" in last and "model.hidden_size" in last
+
+
+def test_init_from_a_training_checkpoint(data_dir, tmp_path):
+    """A run's own Lightning checkpoint (last.ckpt) starts another run's model and heads."""
+    import torch
+
+    from vlm.train import build
+
+    common = [f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none", "data.batch_size=8", "data.num_workers=0"]
+    train(compose_config([*common, "trainer.max_steps=2", "trainer.val_check_interval=2"], str(tmp_path / "a")))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    _, task, _ = build(compose_config([*common, f"model.init_from={last}"], str(tmp_path / "b")))
+    state = task.state_dict()
+    for k, v in saved.items():
+        if k.startswith(("model.", "itm_score.", "mlm_score.")):
+            assert torch.equal(state[k], v), k
