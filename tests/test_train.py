@@ -103,7 +103,8 @@ def test_init_from_a_training_checkpoint(data_dir, tmp_path):
     from vlm.train import build
 
     common = [f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none", "data.batch_size=8", "data.num_workers=0"]
-    train(compose_config([*common, "trainer.max_steps=2", "trainer.val_check_interval=2"], str(tmp_path / "a")))
+    train(compose_config([*common, "trainer.max_steps=1", "trainer.val_check_interval=1", "+trainer.limit_val_batches=1"],
+                         str(tmp_path / "a")))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     _, task, _ = build(compose_config([*common, f"model.init_from={last}"], str(tmp_path / "b")))

@@ -49,7 +49,7 @@ def describe(ckpt: interop.Checkpoint) -> str:
     arch = (f"{cfg.get('num_layers')} layers x {cfg.get('hidden_size')}, {cfg.get('num_heads') or '?'} heads, "
             f"patch {emb.get('patch_size')} for {emb.get('image_size')}px, vocabulary {cfg.get('vocab_size', '-')}")
     heads = ", ".join(ckpt["heads"]) or "none"
-    return f"{ckpt['source']} checkpoint: {arch}; {n / 1e6:.1f} M model parameters; heads: {heads}"
+    return f"{ckpt['source']} checkpoint: {arch}; {n:,} model parameters; heads: {heads}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -166,7 +166,7 @@ def read_checkpoint(path: str | Path, num_heads: int | None = None, trust_pickle
         return obj
     state = obj.get("state_dict", obj.get("model", obj))
     if "transformer.blocks.0.attn.qkv.weight" in state:
-        return original_checkpoint(obj, num_heads)
+        return original_checkpoint(obj if "state_dict" in obj else {"state_dict": obj}, num_heads)
     if "model.blocks.0.attn.qkv.weight" in state:  # a training run of ours (a Lightning checkpoint)
         tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
         return {"format": FORMAT, "source": "vlm", "config": None, "heads": {}, "state_dict": tensors}

@@ -68,8 +68,8 @@ class Attention(TimmAttention):
     q, k and v are views of the qkv projection laid out [B, N, 3, H, d], so the backward pass writes
     their gradients back in that layout with one copy (timm's [3, B, H, N, d] permute costs two). On
     the CPU in bf16 it computes softmax(QK^T)V itself: SDPA's CPU kernel is about 2x slower there
-    (measured at ViLT-B/32 size, 8 x 12 heads x 281 tokens, forward + backward: 118 ms against 57 ms
-    per layer); in fp32 and on GPUs SDPA is the faster one.
+    (measured at ViLT-B/32 size, 8 x 12 heads x 281 tokens, forward + backward on one thread: 117 ms
+    against 57 ms per layer, 119 against 69 with a padding mask); in fp32 and on GPUs SDPA is the faster one.
     """
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
