@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import transformers
+from hydra.utils import instantiate
 from torch import nn
 from transformers import ViltConfig
 
@@ -376,3 +377,17 @@ def test_mlm_head_eps_is_kept():
     hf = make_hf("ViltForMaskedLM", 17, layer_norm_eps=1e-7)
     _, heads = from_hf_vilt(hf)
     assert isinstance(heads["mlm_score"], MLMHead) and heads["mlm_score"].transform.LayerNorm.eps == 1e-7
+
+
+def test_init_from_reads_every_source(tmp_path):
+    """ViLT(init_from=...) with a transformers directory, an original .ckpt and our checkpoint: the same weights."""
+    hf = make_hf("ViltForMaskedLM", 18)
+    hf.save_pretrained(tmp_path / "hf")
+    torch.save({"state_dict": original_layout(hf, ITMHead(hf.config.hidden_size))}, tmp_path / "orig.ckpt")
+    interop.save_checkpoint(interop.hf_checkpoint(hf), tmp_path / "ours.pt")
+    expect, _ = from_hf_vilt(hf)
+    cfg = interop.vilt_config(expect)
+    for source, eps in [("hf", 1e-12), ("orig.ckpt", 1e-6), ("ours.pt", 1e-12)]:
+        model = instantiate({**cfg, "layer_norm_eps": eps, "init_from": str(tmp_path / source)})
+        for k, v in expect.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), (source, k)
