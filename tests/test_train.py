@@ -50,3 +50,65 @@ def test_short_run_logs_csv_metrics_and_resumes(data_dir, tmp_path):
     train(cfg)
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b" / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert steps and min(steps) >= 4  # resumed at step 4, not from scratch
+
+
+def test_init_from_starts_model_and_heads_from_a_checkpoint(data_dir, tmp_path):
+    """`python -m vlm.train model.init_from=CKPT`: the transformer and the ITM / MLM heads start from CKPT."""
+    import timm
+    import torch
+
+    from vlm.models.interop import checkpoint, save_checkpoint
+    from vlm.train import build
+
+    common = [f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none"]
+    _, task, _ = build(compose_config(common, output_dir=str(tmp_path / "a")))
+    with torch.no_grad():  # weights no fresh initialisation (same seed) can reproduce
+        for p in task.parameters():
+            p.add_(0.5)
+    heads = {"itm_score": task.itm_score, "mlm_score": task.mlm_score}
+    save_checkpoint(checkpoint(task.model, heads), tmp_path / "ours.pt")
+    _, started, _ = build(compose_config([*common, f"model.init_from={tmp_path / 'ours.pt'}"], str(tmp_path / "b")))
+    for k, v in task.state_dict().items():
+        assert torch.equal(started.state_dict()[k], v), k
+
+    # a timm ViT of the same width and depth (another image size): transformer and patch projection only
+    vit = timm.create_model("vit_base_patch32_384", pretrained=False, img_size=64, embed_dim=128, depth=4, num_heads=4)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    _, from_vit, _ = build(compose_config([*common, f"model.init_from={tmp_path / 'vit.pth'}"], str(tmp_path / "c")))
+    assert torch.equal(from_vit.model.blocks[3].mlp.fc2.weight, vit.blocks[3].mlp.fc2.weight)
+    assert from_vit.model.embedder.pos_embed.shape == (1, 1 + 12 * 12, 128)  # resized from 2 x 2 to 12 x 12
+
+
+def test_init_from_another_architecture_is_a_one_line_error(data_dir, tmp_path):
+    import timm
+    import torch
+
+    vit = timm.create_model("vit_base_patch32_384", pretrained=False, img_size=64, embed_dim=64, depth=2, num_heads=2)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    res = subprocess.run(
+        [sys.executable, "-m", "vlm.train", f"model.init_from={tmp_path / 'vit.pth'}", "logger=none",
+         f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", *SMALL_DATA, "debug=fdr"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]  # after Lightning's and Hydra's own notes
+    assert last.startswith("vlm.train: error:") and "vit.pth has hidden_size=64" in last and "model.hidden_size" in last
+
+
+def test_init_from_a_training_checkpoint(data_dir, tmp_path):
+    """A run's own Lightning checkpoint (last.ckpt) starts another run's model and heads."""
+    import torch
+
+    from vlm.train import build
+
+    common = [f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none", "data.batch_size=8", "data.num_workers=0"]
+    train(compose_config([*common, "trainer.max_steps=1", "trainer.val_check_interval=1", "+trainer.limit_val_batches=1"],
+                         str(tmp_path / "a")))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    _, task, _ = build(compose_config([*common, f"model.init_from={last}"], str(tmp_path / "b")))
+    state = task.state_dict()
+    for k, v in saved.items():
+        if k.startswith(("model.", "itm_score.", "mlm_score.")):
+            assert torch.equal(state[k], v), k

@@ -3,6 +3,7 @@
 Benchmarks compare side by side in one process (ratios), since machines are noisy; they never assert.
 
     step   training-step throughput of the model presets, fp32 against bf16 autocast, on synthetic batches
+    model  our ViLT-B/32 against transformers' ViltModel with the same weights: forward, forward + backward
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def bench_step(args) -> dict:
         data = synthetic_batch(batch, 40 if preset == "vilt_base" else 30, h, w, vocab)
         result = {"model": preset, "batch": batch, "image": f"{h}x{w}"}
         for precision in ("fp32", "bf16"):
-            med = statistics.median(time_steps(task, data, precision, args.repeats))
+            med = statistics.median(time_steps(task, data, precision, args.repeats or 5))
             result[f"{precision}_ms"] = med * 1e3
             result[f"{precision}_samples_per_s"] = batch / med
         result["bf16_speedup"] = result["fp32_ms"] / result["bf16_ms"]
@@ -84,13 +85,140 @@ def bench_step(args) -> dict:
     return {"rows": rows}
 
 
-BENCHES = {"step": bench_step}
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of ``repeats`` n x n x n matmuls: the peak achieved figures are a fraction of."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def bench_model(args) -> dict:
+    """ViLT-B/32 (ours) against transformers' ``ViltModel`` holding the same weights (``to_hf_vilt``).
+
+    Same inputs (40 text tokens, 384 x 640 images: 12 x 20 = 240 patches, all kept by both), one process,
+    the two models alternating (ABBA) so that load on the machine falls on both alike; dropout 0
+    (transformers' default), both in the same precision. ``forward``: eval mode, no gradients;
+    ``forward+backward``: train mode, gradients for every parameter. FLOPs are counted once, on the
+    transformers model (torch.utils.flop_counter; both do the same arithmetic), and set against a matmul
+    peak measured in the same run for each precision.
+    """
+    from hydra.utils import instantiate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlm.cli import compose_model
+    from vlm.models.interop import to_hf_vilt
+
+    torch.manual_seed(0)
+    ours = instantiate(compose_model("vilt_base", "model.dropout=0.0", "model.layer_norm_eps=1e-12",
+                                     "model.embedder.max_tokens=-1"))
+    hf = to_hf_vilt(ours)
+    text_len, height, width = 40, 384, 640
+    vocab = ours.text_embeddings.word_embeddings.num_embeddings
+
+    def inputs(batch: int):
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(0, vocab, (batch, text_len), generator=g)
+        return ids, torch.ones_like(ids), torch.randn(batch, 3, height, width, generator=g), \
+            torch.ones(batch, height, width, dtype=torch.long)
+
+    def call(model, x, precision: str):
+        ids, attn, images, pixel_mask = x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if model is hf:
+                out = hf(input_ids=ids, attention_mask=attn, pixel_values=images, pixel_mask=pixel_mask)
+            else:
+                out = ours(ids, attn, images, pixel_mask.bool())
+        return out.last_hidden_state, out.pooler_output
+
+    def step(model, x, precision: str, backward: bool) -> float:
+        model.train(backward)
+        t0 = time.perf_counter()
+        if backward:
+            hidden, pooled = call(model, x, precision)
+            (hidden.float().square().mean() + pooled.float().mean()).backward()
+        else:
+            with torch.no_grad():
+                call(model, x, precision)
+        elapsed = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        return elapsed
+
+    # the same function: pooled outputs and text + image-CLS states (transformers shuffles the patches)
+    with torch.no_grad():
+        x = inputs(2)
+        (h_ref, p_ref), (h, p) = call(hf.eval(), x, "fp32"), call(ours.eval(), x, "fp32")
+        n = text_len + 1
+        agreement = max(((p - p_ref).abs().max() / p_ref.abs().max()).item(),
+                        ((h[:, :n] - h_ref[:, :n]).abs().max() / h_ref[:, :n].abs().max()).item())
+    flops = {}  # per example
+    for backward in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            if backward:
+                hidden, pooled = call(hf.train(), inputs(1), "fp32")
+                (hidden.square().mean() + pooled.mean()).backward()
+            else:
+                with torch.no_grad():
+                    call(hf.eval(), inputs(1), "fp32")
+        flops[backward] = counter.get_total_flops()
+        hf.zero_grad(set_to_none=True)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+
+    repeats = args.repeats or 3
+    rows = []
+    for i, batch in enumerate(args.batches):
+        x = inputs(batch)
+        for precision in ("fp32", "bf16"):
+            for backward in (False, True):
+                warm = 1 if i == 0 else 0  # first use of each path; later batch sizes reuse its kernels
+                n_timed = repeats if i == 0 else max(1, repeats // 2)
+                times: dict[str, list[float]] = {"transformers": [], "ours": []}
+                for r in range(warm + n_timed):
+                    pair = [("transformers", hf), ("ours", ours)]
+                    for name, model in pair if r % 2 == 0 else pair[::-1]:
+                        t = step(model, x, precision, backward)
+                        if r >= warm:
+                            times[name].append(t)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                work = flops[backward] * batch
+                rows.append({
+                    "batch": batch, "precision": precision, "pass": "forward+backward" if backward else "forward",
+                    "transformers_ms": med["transformers"] * 1e3, "ours_ms": med["ours"] * 1e3,
+                    "speedup": med["transformers"] / med["ours"], "gflop": work / 1e9,
+                    "transformers_peak_frac": work / med["transformers"] / peaks[precision],
+                    "ours_peak_frac": work / med["ours"] / peaks[precision],
+                    "repeats": n_timed, "times_s": times,
+                })
+                print(f"  batch {batch} {precision} {rows[-1]['pass']}: {rows[-1]['speedup']:.2f}x", flush=True)
+    table = Table(title=f"ViLT-B/32, {text_len} tokens + {height}x{width} image (240 patches): ours against "
+                        f"transformers' ViltModel, same weights, {torch.get_num_threads()} threads",
+                  caption=f"matmul peak measured in this run: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+                          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; outputs agree to {agreement:.0e} (fp32)")
+    for col in ("batch", "precision", "pass", "transformers ms", "ours ms", "speed-up", "GFLOP",
+                "transformers % peak", "ours % peak"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), r["precision"], r["pass"], f"{r['transformers_ms']:.0f}", f"{r['ours_ms']:.0f}",
+                      f"{r['speedup']:.2f}x", f"{r['gflop']:.0f}", f"{100 * r['transformers_peak_frac']:.0f}%",
+                      f"{100 * r['ours_peak_frac']:.0f}%")
+    Console(width=max(Console().width, 120)).print(table)
+    return {"rows": rows, "matmul_peak_flops": peaks, "flops_per_example": {"forward": flops[False],
+            "forward+backward": flops[True]}, "max_relative_difference_fp32": agreement,
+            "text_len": text_len, "image": [height, width]}
+
+
+BENCHES = {"step": bench_step, "model": bench_model}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m vlm.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("which", nargs="*", default=list(BENCHES), choices=list(BENCHES))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: each bench's own)")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batch sizes (model)")
     p.add_argument("--out", default="bench", help="folder for <bench>.json")
     args = p.parse_args()
     out = Path(args.out)

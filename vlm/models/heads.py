@@ -1,4 +1,5 @@
-"""Task heads on top of ViLT's outputs; names follow the original checkpoints (``itm_score.fc``, ...)."""
+"""Task heads on top of ViLT's outputs (SPEC §3, §5); parameter names follow the original checkpoints, so
+weights load by name (``itm_score.fc``, ``mlm_score.transform.dense``, ``vqa_classifier.0``, ...)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,52 @@ class MLMHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.transform(x)) + self.bias
+
+
+class VQAHead(nn.Sequential):
+    """VQA answer classifier on the pooled output (SPEC §5): Linear(D, 2D) - LayerNorm - GELU - Linear(2D, answers).
+
+    A ``Sequential`` so its parameters are named ``0``, ``1``, ``3`` as in the original checkpoints
+    (``vqa_classifier.*``) and ``transformers`` (``classifier.*``). ``labels``: the answer of each class.
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int = 3129, labels: list[str] | None = None):
+        super().__init__(
+            nn.Linear(hidden_size, 2 * hidden_size),
+            nn.LayerNorm(2 * hidden_size),
+            nn.GELU(),
+            nn.Linear(2 * hidden_size, num_labels),
+        )
+        self.labels = _labels(labels, num_labels)
+
+
+class NLVR2Head(nn.Sequential):
+    """NLVR2 classifier (SPEC §5) on the pooled outputs of one pass per image, concatenated: [B, num_images * D]."""
+
+    def __init__(self, hidden_size: int, num_images: int = 2, num_labels: int = 2, labels: list[str] | None = None):
+        width = num_images * hidden_size
+        super().__init__(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, num_labels))
+        self.num_images = num_images
+        self.labels = _labels(labels, num_labels)
+
+
+class RankHead(nn.Linear):
+    """Retrieval score: Linear(D, 1) on the pooled output (named ``rank_output`` like the original checkpoints)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+
+    @classmethod
+    def from_itm(cls, itm: ITMHead) -> "RankHead":
+        """ViLT's start for retrieval fine-tuning: the ITM head's "match" row (SPEC §5)."""
+        head = cls(itm.fc.in_features)
+        with torch.no_grad():
+            head.weight.copy_(itm.fc.weight[1:])
+            head.bias.copy_(itm.fc.bias[1:])
+        return head
+
+
+def _labels(labels: list[str] | None, n: int) -> list[str] | None:
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} classes")
+    return None if labels is None else [str(label) for label in labels]

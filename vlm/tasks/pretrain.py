@@ -12,6 +12,7 @@ from vlm.data.collate import Batch
 from vlm.metrics import MajorityBaseline
 from vlm.models import objectives
 from vlm.models.heads import ITMHead, MLMHead
+from vlm.models.interop import load_heads, read_checkpoint
 from vlm.models.vilt import ViLT, init_weights
 from vlm.tasks.optim import OptimConfig, configure
 
@@ -36,6 +37,8 @@ class PretrainLitModule(L.LightningModule):
         self.mlm_score = MLMHead(d, vocab, eps=model.text_embeddings.LayerNorm.eps)
         self.itm_score.apply(init_weights)
         self.mlm_score.apply(init_weights)
+        if getattr(model, "init_from", None):  # the heads the model's checkpoint holds start from it too
+            load_heads(self, read_checkpoint(model.init_from), origin=model.init_from)
         self.val_itm_acc = MulticlassAccuracy(num_classes=2, average="micro")
         self.val_mlm_acc = MulticlassAccuracy(num_classes=vocab, average="micro")
         self.val_mlm_majority = MajorityBaseline(vocab)

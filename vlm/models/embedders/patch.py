@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
@@ -13,8 +14,9 @@ class PatchEmbedder(VisualEmbedder):
     """Conv2d(3, D, p, stride p) + ViT's learned position table resized to each image's patch grid.
 
     ``pos_embed`` is ViT's [1, 1 + G*G, D] table for a square ``image_size`` input (entry 0 belongs to the
-    image [CLS]), so ViT and ViLT weights load by name. A patch is real when the top-left pixel of its
-    cell is real (images are padded bottom/right, to multiples of the patch size).
+    image [CLS]), so ViT and ViLT weights load by name. A patch is real where the pixel mask, resized to
+    the patch grid by nearest neighbour as ViLT does it, is: the top-left pixel of its cell when images are
+    padded bottom/right to multiples of the patch size.
     """
 
     def __init__(
@@ -39,7 +41,7 @@ class PatchEmbedder(VisualEmbedder):
         p, d = self.patch_size, self.hidden_size
         x = self.proj(images)  # [B, D, gh, gw]
         gh, gw = x.shape[2:]
-        valid = pixel_mask[:, : gh * p : p, : gw * p : p].bool()  # [B, gh, gw]
+        valid = F.interpolate(pixel_mask[:, None].float(), size=(gh, gw))[:, 0].bool()  # [B, gh, gw]
         heights, widths = valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)
         table = self.pos_embed[0, 1:].T.reshape(d, self.grid, self.grid)
         x = (x + resize_grid_table(table, heights, widths, gh, gw).to(x.dtype)).flatten(2).transpose(1, 2)

@@ -1,0 +1,51 @@
+"""python -m vlm.convert: each source in, our checkpoint out, and back out to transformers."""
+
+import subprocess
+import sys
+
+import torch
+import transformers
+
+from tests.conftest import ROOT
+from tests.models.test_interop import make_hf, small_vit
+from vlm.convert import main
+from vlm.models.embedders.patch import PatchEmbedder
+from vlm.models.interop import read_checkpoint
+from vlm.models.vilt import ViLT
+
+
+def test_hf_directory_through_our_checkpoint_and_back(tmp_path, capsys):
+    hf = make_hf("ViltForMaskedLM", 20)
+    hf.save_pretrained(tmp_path / "hf")
+    main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours.pt")])
+    assert "hf checkpoint" in capsys.readouterr().out
+    ckpt = read_checkpoint(tmp_path / "ours.pt")
+    assert ckpt["source"] == "hf" and set(ckpt["heads"]) == {"mlm_score"}
+    main(["--from", str(tmp_path / "ours.pt"), "--to-hf", str(tmp_path / "back")])
+    back = transformers.ViltForMaskedLM.from_pretrained(tmp_path / "back")
+    for k, v in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    main(["--from", str(tmp_path / "ours.pt"), "--to-hf", str(tmp_path / "bare"), "--head", "none"])
+    assert isinstance(transformers.AutoModel.from_pretrained(tmp_path / "bare"), transformers.ViltModel)
+
+
+def test_vit_file_to_a_checkpoint_that_initialises_training(tmp_path):
+    vit = small_vit()
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    main(["--from-vit", str(tmp_path / "vit.pth"), "--num-heads", "4", "--out", str(tmp_path / "vit.pt")])
+
+    def fresh(init_from):
+        emb = PatchEmbedder(48, patch_size=32, image_size=64)
+        return ViLT(emb, vocab_size=30, hidden_size=48, num_layers=2, num_heads=4, init_from=init_from)
+
+    a, b = fresh(str(tmp_path / "vit.pt")), fresh(str(tmp_path / "vit.pth"))
+    for k in ("blocks.1.attn.qkv.weight", "embedder.pos_embed", "embedder.proj.weight", "norm.bias", "cls_token"):
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k]), k
+
+
+def test_bad_source_is_one_line_and_status_2(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "vlm.convert", "--from-hf", str(tmp_path / "nope"), "--out", "x.pt"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0], res.stderr

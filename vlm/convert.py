@@ -1,0 +1,91 @@
+"""python -m vlm.convert: ViLT weights into our checkpoint format and back out to `transformers`.
+
+    python -m vlm.convert --from-hf DIR --out CKPT          a transformers ViLT directory (ViltModel, ViltFor*)
+    python -m vlm.convert --from-original CKPT --out CKPT   an original dandelin/ViLT checkpoint
+    python -m vlm.convert --from-vit FILE --out CKPT        a timm ViT state dict (how the paper initialises)
+    python -m vlm.convert --from CKPT --to-hf DIR           ours (or any of the above) as a transformers directory
+
+A checkpoint written with --out starts training: python -m vlm.train model.init_from=CKPT. The format is
+described in vlm/models/interop.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from vlm.models import interop
+
+
+def read(args: argparse.Namespace) -> interop.Checkpoint:
+    if args.from_hf:
+        if not Path(args.from_hf).is_dir():
+            raise FileNotFoundError(f"--from-hf {args.from_hf}: not a directory")
+        ckpt = interop.hf_checkpoint(args.from_hf)
+    elif args.from_original:
+        obj = interop.load_file(Path(args.from_original), args.trust_pickle)
+        if not isinstance(obj, dict) or "state_dict" not in obj:
+            raise ValueError(f"--from-original {args.from_original}: no 'state_dict' in it (not a Lightning checkpoint)")
+        ckpt = interop.original_checkpoint(obj, args.num_heads)
+    elif args.from_vit:
+        obj = interop.load_file(Path(args.from_vit), args.trust_pickle)
+        ckpt = interop.vit_checkpoint(obj.get("state_dict", obj.get("model", obj)), args.num_heads)
+    else:
+        ckpt = interop.read_checkpoint(args.from_any, args.num_heads, args.trust_pickle)
+    cfg = ckpt.get("config")
+    if args.num_heads is not None and cfg:
+        if cfg.get("num_heads") not in (None, args.num_heads):
+            raise ValueError(f"--num-heads {args.num_heads}: the checkpoint records num_heads={cfg['num_heads']}")
+        cfg["num_heads"] = args.num_heads
+    return ckpt
+
+
+def describe(ckpt: interop.Checkpoint) -> str:
+    cfg = ckpt.get("config") or {}
+    emb = cfg.get("embedder") or {}
+    n = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("model."))
+    arch = (f"{cfg.get('num_layers')} layers x {cfg.get('hidden_size')}, {cfg.get('num_heads') or '?'} heads, "
+            f"patch {emb.get('patch_size')} for {emb.get('image_size')}px, vocabulary {cfg.get('vocab_size', '-')}")
+    heads = ", ".join(ckpt["heads"]) or "none"
+    return f"{ckpt['source']} checkpoint: {arch}; {n:,} model parameters; heads: {heads}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vlm.convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="DIR", help="a transformers ViLT directory (save_pretrained)")
+    src.add_argument("--from-original", metavar="CKPT", help="an original dandelin/ViLT Lightning checkpoint")
+    src.add_argument("--from-vit", metavar="FILE", help="a timm ViT state dict (.pth, .safetensors)")
+    src.add_argument("--from", dest="from_any", metavar="CKPT", help="any of the above, recognised by its keys")
+    p.add_argument("--out", metavar="CKPT", help="write our checkpoint here")
+    p.add_argument("--to-hf", metavar="DIR", help="write a transformers ViLT directory here")
+    p.add_argument("--head", help="the head --to-hf exports (mlm_score, vqa_classifier, nlvr2_classifier, "
+                                  "rank_output; none: ViltModel); default: the only one transformers can hold")
+    p.add_argument("--num-heads", type=int, help="attention heads, for files that do not record them")
+    p.add_argument("--trust-pickle", action="store_true", help="let torch.load run pickled objects (trusted files only)")
+    args = p.parse_args(argv)
+    if not (args.out or args.to_hf):
+        p.error("nothing to write: give --out CKPT and/or --to-hf DIR")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # interop's notes: resizes, heads left out
+    try:
+        ckpt = read(args)
+        print(describe(ckpt))
+        if args.out:
+            interop.save_checkpoint(ckpt, args.out)
+            print(f"wrote {args.out}")
+        if args.to_hf:
+            if args.head == "none":
+                ckpt = {**ckpt, "heads": {}}
+            hf = interop.hf_model(ckpt, None if args.head == "none" else args.head)
+            hf.save_pretrained(args.to_hf)
+            print(f"wrote {args.to_hf} ({type(hf).__name__})")
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"vlm.convert: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
