@@ -46,7 +46,7 @@ class PatchEmbedder(VisualEmbedder):
         x = x.flatten(2).transpose(1, 2) + pos
         index, mask = select_tokens(valid.flatten(1), self.max_tokens)
         row, col = index // gw, index % gw
-        token_boxes = torch.stack([col * p, row * p, col * p + p, row * p + p], dim=-1).to(x.dtype)
+        token_boxes = torch.stack([col * p, row * p, col * p + p, row * p + p], dim=-1).float()  # pixels, not activations
         take = index[..., None].expand(-1, -1, d)
         return VisualTokens(
             embeds=x.gather(1, take), mask=mask, boxes=token_boxes, cls_pos=self.pos_embed[0, 0], pos=pos.gather(1, take)
