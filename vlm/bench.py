@@ -5,12 +5,15 @@ Benchmarks compare side by side in one process (ratios), since machines are nois
     step   training-step throughput of the model presets, fp32 against bf16 autocast, on synthetic batches
     wpa    the cost of word-patch alignment: batched IPOT against a loop over examples, and a vilt_tiny
            training step with WPA against the same step without it
+    threads  a vilt_tiny training step (ITM + MLM + WPA, bf16) with 1 intra-op thread against all of them,
+           alternated: on a shared, loaded CPU the threads can spend the step waiting for each other
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -155,7 +158,48 @@ def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-BENCHES = {"step": bench_step, "wpa": bench_wpa}
+def bench_threads(args) -> dict:
+    from hydra.utils import instantiate
+
+    from vlm.cli import compose_model
+    from vlm.tasks.pretrain import PretrainLitModule
+
+    model = instantiate(compose_model("vilt_tiny"), vocab_size=209)
+    task = PretrainLitModule(model, objectives={"itm": 1.0, "mlm": 0.25, "wpa": 0.1}).train()
+    batch = synthetic_batch(64, 20, 192, 320, 209)
+    batch.itm_labels = torch.arange(64) % 2
+    batch.itm_index = torch.where(batch.itm_labels.bool(), torch.arange(64), torch.arange(64).roll(1))
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-5)
+    most = torch.get_num_threads()
+
+    def step(n):
+        def run():
+            torch.set_num_threads(n)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = task.compute(batch)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return run
+
+    try:
+        times = alternate({1: step(1), most: step(most)}, args.repeats)
+    finally:
+        torch.set_num_threads(most)
+    ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    with open("/proc/loadavg") as f:
+        load = float(f.read().split()[0])
+    table = Table(title=f"vilt_tiny training step by intra-op threads (medians of {args.repeats}, alternated), load {load:.1f}")
+    for col in ("threads", "ms", "vs 1 thread"):
+        table.add_column(col, justify="right")
+    for n in ms:
+        table.add_row(str(n), f"{ms[n]:.0f}", f"{ms[n] / ms[1]:.2f}x")
+    Console().print(table)
+    return {"step_ms": {str(n): v for n, v in ms.items()}, "load_average": load, "cpus": os.cpu_count()}
+
+
+BENCHES = {"step": bench_step, "wpa": bench_wpa, "threads": bench_threads}
 
 
 def main() -> None:

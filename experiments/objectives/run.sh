@@ -3,8 +3,8 @@
 # mix and the mix without WPA first, since they answer the main question; then without MLM and without
 # ITM), then the table. Usage: experiments/objectives/run.sh DATA_DIR LOG_DIR
 set -euo pipefail
-# One intra-op thread: on a CPU shared with other jobs, two threads spent most of a step waiting for each
-# other (measured with python -m vlm.bench wpa under load: a vilt_tiny step took 3.5x longer with 2 threads).
+# One intra-op thread: on a CPU shared with other jobs, two threads spend most of a step waiting for each
+# other (python -m vlm.bench threads at load average 12: a vilt_tiny step took 5.2x longer with 2 threads).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 data=${1:-data}
 logs=${2:-logs}
