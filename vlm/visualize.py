@@ -131,7 +131,10 @@ def draw(result: dict, text: str, out_dir: Path) -> list[Path]:
 
     def paint(ax, word: str, heat: Tensor, m: Tensor) -> None:
         ax.imshow(img)
-        ax.imshow(heat.numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=vmax)
+        level = (heat / vmax).clamp(0, 1).numpy()
+        rgba = plt.get_cmap("inferno")(level)
+        rgba[..., 3] = 0.2 + 0.7 * level  # the image stays visible where the word puts no mass
+        ax.imshow(rgba)
         ax.set_title(f"{word}  (top token {100 * float(m.max() / m.sum().clamp(min=1e-12)):.0f}%)", fontsize=9)
         ax.axis("off")
 
