@@ -51,17 +51,24 @@ def load_run(ckpt_path: str, config: str | None = None, tokenizer: str | None = 
 
 
 @torch.no_grad()
-def align(task, tokenizer, data_cfg: DictConfig, image_path: str, text: str) -> dict:
-    """Run one image + caption; returns the image, token boxes, the words and each word's mass per token."""
+def align(task, tokenizer, data_cfg: DictConfig, image, text: str) -> dict:
+    """Run one image (a path or a PIL image) + caption with every visual token.
+
+    Returns the transformed image, the token boxes in its pixels, the words and each word's transport
+    mass per visual token, the transport distance and the ITM match probability.
+    """
     from PIL import Image
 
     from vlm.data.transforms import build_transform
 
     model = task.model
-    try:
-        pil = Image.open(image_path).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"image={image_path}: cannot read it ({type(e).__name__})") from None
+    if isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        try:
+            pil = Image.open(image).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"image={image}: cannot read it ({type(e).__name__})") from None
     transform = build_transform(data_cfg.image_size, data_cfg.get("max_size"), data_cfg.size_divisor)
     image = transform(pil)[None]
     pixel_mask = torch.ones(1, *image.shape[2:], dtype=torch.bool)
