@@ -1,8 +1,10 @@
-"""python -m vlm.train: compose the config, instantiate, fit, validate, print the final metrics."""
+"""python -m vlm.train: compose the config, instantiate, fit, evaluate, print the final metrics."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors reach `main`, which reports them on one line
 
@@ -13,8 +15,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.callbacks import Throughput
 from vlm.config import ConfigError, check, reported
 from vlm.report import print_metrics, print_skipped
+from vlm.tasks.retrieval import zero_shot_retrieval
 
 
 def devices_of(trainer_cfg: DictConfig) -> int:
@@ -52,19 +56,55 @@ def build(cfg: DictConfig):
     return dm, task, trainer
 
 
+def evaluate(cfg: DictConfig, trainer: L.Trainer, task, dm) -> dict[str, float]:
+    """The end-of-run numbers: validation, the test split, zero-shot retrieval (as configured)."""
+    metrics = dict(trainer.validate(task, datamodule=dm, verbose=False)[0])
+    ev = cfg.get("evaluate") or {}
+    if ev.get("test") and dm.files.get("test"):
+        metrics.update(trainer.test(task, datamodule=dm, verbose=False)[0])
+    if ev.get("retrieval_pairs", 0) > 0:
+        autocast = trainer.precision_plugin.forward_context()
+        metrics.update(zero_shot_retrieval(task, dm.val_dataloader(), ev.retrieval_pairs, autocast=autocast))
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def summary_of(task, trainer: L.Trainer) -> dict[str, float]:
+    """Cost figures that sit beside the metrics in W&B's summary and in results.json."""
+    out = {
+        "params/model": float(sum(p.numel() for p in task.model.parameters())),
+        "params/embedder": float(sum(p.numel() for p in task.model.embedder.parameters())),
+    }
+    for cb in trainer.callbacks:
+        if isinstance(cb, Throughput):
+            out.update(cb.summary())
+    return out
+
+
 def train(cfg: DictConfig) -> float | None:
     dm, task, trainer = build(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    results: dict = {"status": "failed", "run_name": cfg.get("run_name"), "label": cfg.get("label"), "seed": cfg.seed}
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-        metrics = trainer.validate(task, datamodule=dm, verbose=False)[0]
+        metrics = evaluate(cfg, trainer, task, dm)
+        summary = summary_of(task, trainer)
         print_metrics(metrics)
         print_skipped(dm.skipped)
+        for lg in trainer.loggers:
+            lg.log_metrics({**metrics, **summary}, step=trainer.global_step)
+        history = next((cb.history for cb in trainer.callbacks if isinstance(cb, Throughput)), [])
+        results.update(status="complete", steps=trainer.global_step, metrics=metrics, summary=summary,
+                       history=history, skipped={k: dict(v) for k, v in dm.skipped.items()})
     finally:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out_dir / "results.json")
         if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
             import wandb
 
             wandb.finish()  # the next job of a sweep starts a run of its own
-    value = metrics.get(cfg.get("optimized_metric") or "")
+    value = results["metrics"].get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None
 
 

@@ -78,6 +78,9 @@ class PretrainLitModule(L.LightningModule):
         self.val_itm_majority = MajorityBaseline(2)
         self.val_loss = nn.ModuleDict({k: MeanMetric() for k in OBJECTIVES})
         self.val_wpa = nn.ModuleDict({k: MeanMetric() for k in ("pos", "neg")})
+        # the test split (built-in data: unseen colour-shape combinations)
+        self.test_itm_acc = MulticlassAccuracy(num_classes=2, average="micro")
+        self.test_mlm_acc = MulticlassAccuracy(num_classes=vocab, average="micro")
 
     def active(self, name: str) -> bool:
         return self.weights.get(name, 0.0) > 0
@@ -165,6 +168,16 @@ class PretrainLitModule(L.LightningModule):
             self.val_mpp_majority(out["mpp_targets"])
             self.log("val/mpp_acc", self.val_mpp_acc, batch_size=n)
             self.log("val/mpp_majority", self.val_mpp_majority, batch_size=n)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        out = self.compute(batch)
+        n = len(batch)
+        if self.active("itm"):
+            self.test_itm_acc(out["itm_logits"], batch.itm_labels)
+            self.log("test/itm_acc", self.test_itm_acc, batch_size=n)
+        if self.active("mlm"):
+            self.test_mlm_acc(out["mlm_logits"], out["mlm_targets"])
+            self.log("test/mlm_acc", self.test_mlm_acc, batch_size=n)
 
     def lr_mults(self) -> dict[str, float]:
         return {
