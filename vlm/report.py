@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 # each metric's baseline: what the trivial predictor scores on the same targets
-BASELINES = {"val/itm_acc": "val/itm_majority", "val/mlm_acc": "val/mlm_majority"}
+BASELINES = {"val/itm_acc": "val/itm_majority", "val/mlm_acc": "val/mlm_majority", "val/mpp_acc": "val/mpp_majority"}
 
 
 def print_metrics(metrics: dict, title: str = "final validation") -> None:

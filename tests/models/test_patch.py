@@ -67,3 +67,23 @@ def test_patch_sampling_respects_budget():
     emb = PatchEmbedder(hidden_size=16, patch_size=8, image_size=32, max_tokens=7)
     out = emb(torch.randn(2, 3, 32, 40), torch.ones(2, 32, 40, dtype=torch.bool))
     assert out.embeds.shape == (2, 7, 16) and out.mask.all()
+
+
+def test_patch_tokens_carry_their_position_term_and_float_boxes():
+    """``pos`` is exactly what was added to each sampled patch's projection (MPP masks content, keeps it)."""
+    torch.manual_seed(0)
+    emb = PatchEmbedder(hidden_size=16, patch_size=8, image_size=32, max_tokens=5)
+    images = torch.randn(2, 3, 24, 40)
+    pixel_mask = torch.ones(2, 24, 40, dtype=torch.bool)
+    pixel_mask[1, 16:] = False
+    out = emb(images, pixel_mask)
+    proj = emb.proj(images).flatten(2).transpose(1, 2)  # [B, 15, D], raster order
+    x1, y1 = out.boxes[..., 0].long() // 8, out.boxes[..., 1].long() // 8
+    index = y1 * 5 + x1
+    content = proj.gather(1, index[..., None].expand(-1, -1, 16))
+    torch.testing.assert_close(out.embeds - out.pos, content, atol=1e-5, rtol=1e-5)
+    assert out.boxes.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert emb(images, pixel_mask).boxes.dtype == torch.float32
+    picked = out.select(torch.tensor([1, 1]))
+    assert torch.equal(picked.pos[0], out.pos[1]) and torch.equal(picked.boxes[1], out.boxes[1])

@@ -42,6 +42,18 @@ class MLMHead(nn.Module):
         return self.decoder(self.transform(x)) + self.bias
 
 
+class MPPHead(nn.Module):
+    """Masked patch prediction: the MLM head's transform, then a classifier over quantised mean colours."""
+
+    def __init__(self, hidden_size: int, num_classes: int = 512, eps: float = 1e-12):
+        super().__init__()
+        self.transform = MLMTransform(hidden_size, eps)
+        self.decoder = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.transform(x))
+
+
 class VQAHead(nn.Sequential):
     """VQA answer classifier on the pooled output (SPEC §5): Linear(D, 2D) - LayerNorm - GELU - Linear(2D, answers).
 

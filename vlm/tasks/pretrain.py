@@ -1,6 +1,8 @@
-"""Pretraining: image-text matching + masked language modelling on one ViLT (SPEC §3)."""
+"""Pretraining: image-text matching, masked language modelling, word-patch alignment, masked patch prediction (SPEC §3)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -11,39 +13,74 @@ from torchmetrics.classification import MulticlassAccuracy
 from vlm.data.collate import Batch
 from vlm.metrics import MajorityBaseline
 from vlm.models import objectives
-from vlm.models.heads import ITMHead, MLMHead
+from vlm.models.heads import ITMHead, MLMHead, MPPHead
 from vlm.models.interop import load_heads, read_checkpoint
 from vlm.models.vilt import ViLT, init_weights
 from vlm.tasks.optim import OptimConfig, configure
 
+OBJECTIVES = ("itm", "mlm", "wpa", "mpp")
+MPP_CLASSES = 512  # mean colour, 3 bits per channel
+
 
 class PretrainLitModule(L.LightningModule):
-    """ITM on the pooled output of (clean text, half-mismatched images); MLM on (masked text, true images).
+    """ViLT's pretraining objectives (SPEC §3) on one ViLT, two transformer passes per step.
 
-    Two transformer passes per step, as ViLT, over one embedding of the images. ``objectives`` maps each objective to its loss weight; a weight of
-    0 switches it off (and skips its forward pass).
+    The ITM pass shows clean text with half-mismatched images; ITM is read from its pooled output and
+    WPA (word-patch alignment by optimal transport) from its token states. The MLM pass shows masked
+    text with the true images; MLM is read from its text states and, when MPP is on, a fraction
+    ``mpp_prob`` of its visual tokens have their content replaced by a learned mask embedding (their
+    position is kept) and their quantised mean colour is predicted. Both passes share one embedding of
+    the images. ``objectives`` maps each of itm, mlm, wpa, mpp to its loss weight; a weight of 0
+    switches it off, and a pass none of its objectives needs is skipped. ``wpa_*`` are IPOT's beta,
+    iterations and inner steps. Validation reports the transport distances of matched and mismatched
+    pairs (``val/wpa_pos``, ``val/wpa_neg``) for every model, whether or not WPA trains it.
     """
 
-    def __init__(self, model: ViLT, objectives: dict[str, float] | None = None, optim: OptimConfig | None = None):
+    def __init__(
+        self,
+        model: ViLT,
+        objectives: dict[str, float] | None = None,
+        optim: OptimConfig | None = None,
+        wpa_beta: float = 0.5,
+        wpa_iterations: int = 50,
+        wpa_inner_steps: int = 1,
+        mpp_prob: float = 0.15,
+    ):
         super().__init__()
         self.model = model
-        self.weights = {"itm": 1.0, "mlm": 1.0, **(objectives or {})}
-        unknown = set(self.weights) - {"itm", "mlm"}
+        self.weights = {"itm": 1.0, "mlm": 1.0, "wpa": 0.1, "mpp": 0.0, **(objectives or {})}
+        unknown = set(self.weights) - set(OBJECTIVES)
         if unknown:
-            raise ValueError(f"unknown objective(s) {sorted(unknown)}: choose from itm, mlm")
+            raise ValueError(f"unknown objective(s) {sorted(unknown)}: choose from {', '.join(OBJECTIVES)}")
+        negative = [k for k, w in self.weights.items() if w < 0]
+        if negative or not any(self.active(k) for k in OBJECTIVES):
+            raise ValueError(f"objective weights must be >= 0 and at least one > 0, got {self.weights}")
+        if not 0 < mpp_prob <= 1:
+            raise ValueError(f"mpp_prob must be in (0, 1], got {mpp_prob}")
+        self.ipot = {"beta": wpa_beta, "iterations": wpa_iterations, "inner_steps": wpa_inner_steps}
+        self.mpp_prob = mpp_prob
         self.optim = optim or OptimConfig()
         d, vocab = model.hidden_size, model.text_embeddings.word_embeddings.num_embeddings
+        eps = model.text_embeddings.LayerNorm.eps
         self.itm_score = ITMHead(d)
-        self.mlm_score = MLMHead(d, vocab, eps=model.text_embeddings.LayerNorm.eps)
+        self.mlm_score = MLMHead(d, vocab, eps=eps)
         self.itm_score.apply(init_weights)
         self.mlm_score.apply(init_weights)
+        if self.active("mpp"):
+            self.mpp_score = MPPHead(d, MPP_CLASSES, eps=eps)
+            self.mpp_score.apply(init_weights)
+            self.mpp_mask_token = nn.Parameter(torch.zeros(d))
+            nn.init.trunc_normal_(self.mpp_mask_token, std=0.02)
+            self.val_mpp_acc = MulticlassAccuracy(num_classes=MPP_CLASSES, average="micro")
+            self.val_mpp_majority = MajorityBaseline(MPP_CLASSES)
         if getattr(model, "init_from", None):  # the heads the model's checkpoint holds start from it too
             load_heads(self, read_checkpoint(model.init_from), origin=model.init_from)
         self.val_itm_acc = MulticlassAccuracy(num_classes=2, average="micro")
         self.val_mlm_acc = MulticlassAccuracy(num_classes=vocab, average="micro")
         self.val_mlm_majority = MajorityBaseline(vocab)
         self.val_itm_majority = MajorityBaseline(2)
-        self.val_loss = nn.ModuleDict({k: MeanMetric() for k in ("itm", "mlm")})
+        self.val_loss = nn.ModuleDict({k: MeanMetric() for k in OBJECTIVES})
+        self.val_wpa = nn.ModuleDict({k: MeanMetric() for k in ("pos", "neg")})
         # the test split (built-in data: unseen colour-shape combinations)
         self.test_itm_acc = MulticlassAccuracy(num_classes=2, average="micro")
         self.test_mlm_acc = MulticlassAccuracy(num_classes=vocab, average="micro")
@@ -51,31 +88,54 @@ class PretrainLitModule(L.LightningModule):
     def active(self, name: str) -> bool:
         return self.weights.get(name, 0.0) > 0
 
-    def compute(self, batch: Batch) -> dict[str, Tensor]:
-        """Losses and what the metrics need, for one batch."""
+    def compute(self, batch: Batch, measure_wpa: bool = False) -> dict[str, Tensor]:
+        """Losses and what the metrics need, for one batch (``measure_wpa``: transport distances even with WPA off)."""
         out: dict[str, Tensor] = {}
         # embed the images once: the ITM pass shows the same images, some to other texts
         visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes)
-        if self.active("itm"):
+        wpa = self.active("wpa") or measure_wpa
+        if self.active("itm") or wpa:
             res = self.model(batch.input_ids, batch.attention_mask, visual=visual.select(batch.itm_index))
-            logits = self.itm_score(res.pooler_output)
-            out["loss_itm"] = objectives.itm_loss(logits, batch.itm_labels)
-            out["itm_logits"] = logits.detach()
-        if self.active("mlm"):
-            res = self.model(batch.mlm_ids, batch.attention_mask, visual=visual)
-            where = objectives.masked_positions(batch.mlm_labels)
-            logits = self.mlm_score(res.text_states[where])  # the vocabulary projection only where it is needed
-            targets = batch.mlm_labels[where]
-            out["loss_mlm"] = objectives.mlm_loss(logits, targets)
-            out["mlm_logits"], out["mlm_targets"] = logits.detach(), targets
-        out["loss"] = sum(self.weights[k] * out[f"loss_{k}"] for k in ("itm", "mlm") if self.active(k))
+            if self.active("itm"):
+                logits = self.itm_score(res.pooler_output)
+                out["loss_itm"] = objectives.itm_loss(logits, batch.itm_labels)
+                out["itm_logits"] = logits.detach()
+            if wpa:
+                distance, _ = objectives.wpa_distance(
+                    res.text_states, res.image_states, res.text_mask, res.image_mask, **self.ipot
+                )
+                out["loss_wpa"] = objectives.wpa_loss(distance, batch.itm_labels)
+                out["wpa_distance"] = distance.detach()
+        if self.active("mlm") or self.active("mpp"):
+            masked = None
+            if self.active("mpp"):
+                if visual.pos is None or visual.boxes is None:
+                    raise ValueError(f"MPP needs token positions and boxes, which {type(self.model.embedder).__name__} does not give")
+                masked = objectives.choose_masked(visual.mask, self.mpp_prob)
+                blank = (self.mpp_mask_token.to(visual.pos.dtype) + visual.pos).to(visual.embeds.dtype)
+                visual = replace(visual, embeds=torch.where(masked[..., None], blank, visual.embeds))
+            ids = batch.mlm_ids if self.active("mlm") else batch.input_ids
+            res = self.model(ids, batch.attention_mask, visual=visual)
+            if self.active("mlm"):
+                where = objectives.masked_positions(batch.mlm_labels)
+                logits = self.mlm_score(res.text_states[where])  # the vocabulary projection only where it is needed
+                targets = batch.mlm_labels[where]
+                out["loss_mlm"] = objectives.mlm_loss(logits, targets)
+                out["mlm_logits"], out["mlm_targets"] = logits.detach(), targets
+            if masked is not None:
+                targets = objectives.mpp_targets(batch.images, batch.pixel_mask, visual.boxes)
+                masked = masked & (targets != objectives.IGNORE)
+                logits = self.mpp_score(res.image_states[:, 1:][masked])
+                out["loss_mpp"] = objectives.mpp_loss(logits, targets[masked])
+                out["mpp_logits"], out["mpp_targets"] = logits.detach(), targets[masked]
+        out["loss"] = sum(self.weights[k] * out[f"loss_{k}"] for k in OBJECTIVES if self.active(k))
         return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.compute(batch)
         n = len(batch)
         self.log("train/loss", out["loss"], batch_size=n, prog_bar=True)
-        for k in ("itm", "mlm"):
+        for k in OBJECTIVES:
             if self.active(k):
                 self.log(f"train/loss_{k}", out[f"loss_{k}"], batch_size=n, prog_bar=True)
         if self.active("itm"):
@@ -84,22 +144,33 @@ class PretrainLitModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self.compute(batch)
+        out = self.compute(batch, measure_wpa=batch.itm_labels is not None)
         n = len(batch)
+        for k in OBJECTIVES:
+            if self.active(k):
+                self.val_loss[k].update(out[f"loss_{k}"], n)
+                self.log(f"val/loss_{k}", self.val_loss[k], batch_size=n)
+        if "wpa_distance" in out:
+            matched = batch.itm_labels.bool()
+            for name, rows in (("pos", matched), ("neg", ~matched)):
+                if rows.any():
+                    self.val_wpa[name].update(out["wpa_distance"][rows])
+                self.log(f"val/wpa_{name}", self.val_wpa[name], batch_size=n)
         if self.active("itm"):
             self.val_itm_acc(out["itm_logits"], batch.itm_labels)
             self.val_itm_majority(batch.itm_labels)
             self.log("val/itm_majority", self.val_itm_majority, batch_size=n)
-            self.val_loss["itm"].update(out["loss_itm"], n)
             self.log("val/itm_acc", self.val_itm_acc, batch_size=n)
-            self.log("val/loss_itm", self.val_loss["itm"], batch_size=n)
         if self.active("mlm"):
             self.val_mlm_acc(out["mlm_logits"], out["mlm_targets"])
             self.val_mlm_majority(out["mlm_targets"])
-            self.val_loss["mlm"].update(out["loss_mlm"], n)
             self.log("val/mlm_acc", self.val_mlm_acc, batch_size=n)
             self.log("val/mlm_majority", self.val_mlm_majority, batch_size=n)
-            self.log("val/loss_mlm", self.val_loss["mlm"], batch_size=n)
+        if self.active("mpp"):
+            self.val_mpp_acc(out["mpp_logits"], out["mpp_targets"])
+            self.val_mpp_majority(out["mpp_targets"])
+            self.log("val/mpp_acc", self.val_mpp_acc, batch_size=n)
+            self.log("val/mpp_majority", self.val_mpp_majority, batch_size=n)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         out = self.compute(batch)
@@ -116,6 +187,7 @@ class PretrainLitModule(L.LightningModule):
             "model.embedder.": self.model.embedder.lr_mult,
             "itm_score.": self.optim.head_lr_mult,
             "mlm_score.": self.optim.head_lr_mult,
+            "mpp_score.": self.optim.head_lr_mult,
         }
 
     def configure_optimizers(self):

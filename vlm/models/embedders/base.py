@@ -15,18 +15,21 @@ class VisualTokens:
 
     embeds: [B, N, D]; mask: [B, N], True for a real token; boxes: [B, N, 4] pixel xyxy extent of each
     token where it has one (for alignment pictures); cls_pos: [D], a position term the transformer adds to
-    its image [CLS] (ViT's table has one; embedders without it leave None).
+    its image [CLS] (ViT's table has one; embedders without it leave None); pos: [B, N, D] the position
+    term already inside ``embeds``, so a token whose content is masked (MPP) can keep its place.
     """
 
     embeds: Tensor
     mask: Tensor
     boxes: Tensor | None = None
     cls_pos: Tensor | None = None
+    pos: Tensor | None = None
 
     def select(self, index: Tensor) -> "VisualTokens":
         """The tokens of images ``index`` (e.g. the ITM pass's mismatched images), without embedding again."""
         boxes = None if self.boxes is None else self.boxes[index]
-        return VisualTokens(self.embeds[index], self.mask[index], boxes, self.cls_pos)
+        pos = None if self.pos is None else self.pos[index]
+        return VisualTokens(self.embeds[index], self.mask[index], boxes, self.cls_pos, pos)
 
 
 class VisualEmbedder(nn.Module, ABC):

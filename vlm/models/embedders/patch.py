@@ -44,9 +44,12 @@ class PatchEmbedder(VisualEmbedder):
         valid = F.interpolate(pixel_mask[:, None].float(), size=(gh, gw))[:, 0].bool()  # [B, gh, gw]
         heights, widths = valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)
         table = self.pos_embed[0, 1:].T.reshape(d, self.grid, self.grid)
-        x = (x + resize_grid_table(table, heights, widths, gh, gw).to(x.dtype)).flatten(2).transpose(1, 2)
+        pos = resize_grid_table(table, heights, widths, gh, gw).to(x.dtype).flatten(2).transpose(1, 2)
+        x = x.flatten(2).transpose(1, 2) + pos
         index, mask = select_tokens(valid.flatten(1), self.max_tokens)
         row, col = index // gw, index % gw
-        token_boxes = torch.stack([col * p, row * p, col * p + p, row * p + p], dim=-1).to(x.dtype)
-        embeds = x.gather(1, index[..., None].expand(-1, -1, d))
-        return VisualTokens(embeds=embeds, mask=mask, boxes=token_boxes, cls_pos=self.pos_embed[0, 0])
+        token_boxes = torch.stack([col * p, row * p, col * p + p, row * p + p], dim=-1).float()  # pixels, not activations
+        take = index[..., None].expand(-1, -1, d)
+        return VisualTokens(
+            embeds=x.gather(1, take), mask=mask, boxes=token_boxes, cls_pos=self.pos_embed[0, 0], pos=pos.gather(1, take)
+        )
