@@ -34,7 +34,8 @@ def build(cfg: DictConfig):
         accumulate = dm.accumulation(devices_of(cfg.trainer))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or dm.vocab_size)
+    text = {"vocab_size": cfg.model.vocab_size or dm.vocab_size} if "vocab_size" in cfg.model else {}  # not a detector
+    model = instantiate(cfg.model, **text)
     task = instantiate(cfg.task, model=model)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

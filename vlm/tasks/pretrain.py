@@ -49,7 +49,7 @@ class PretrainLitModule(L.LightningModule):
         """Losses and what the metrics need, for one batch."""
         out: dict[str, Tensor] = {}
         # embed the images once: the ITM pass shows the same images, some to other texts
-        visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes)
+        visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes, batch.box_features)
         if self.active("itm"):
             res = self.model(batch.input_ids, batch.attention_mask, visual=visual.select(batch.itm_index))
             logits = self.itm_score(res.pooler_output)
