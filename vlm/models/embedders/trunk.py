@@ -53,7 +53,10 @@ class ResNetTrunk(nn.Module):
         missing = sorted(set(own) - set(kept))
         if missing:
             raise ValueError(f"{path}: not a torchvision ResNet state dict for this trunk (missing {missing[:3]} ...)")
-        self.load_state_dict(kept)
+        try:
+            self.load_state_dict(kept)
+        except RuntimeError as e:  # shape mismatches: another depth or width
+            raise ValueError(f"{path}: not a state dict of this trunk: {str(e).splitlines()[1].strip()}") from None
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
