@@ -112,3 +112,22 @@ def test_init_from_a_training_checkpoint(data_dir, tmp_path):
     for k, v in saved.items():
         if k.startswith(("model.", "itm_score.", "mlm_score.")):
             assert torch.equal(state[k], v), k
+
+
+TINY = ["debug=fdr", "logger=none", "trainer=cpu", "model=vilt_tiny", *SMALL_DATA, "data.batch_size=4",
+        "data.image_size=64", "data.max_size=96"]
+
+
+@pytest.mark.parametrize(
+    "embedder",
+    [["model/embedder=grid"], ["model/embedder=grid", "model.embedder.pool=true", "model.embedder.position=sine"],
+     ["model/embedder=region", "model.embedder.box_source=data"],
+     ["model/embedder=region", "model.embedder.box_source=detector"]],
+    ids=["grid", "grid_pool_sine", "region_data", "region_detector"],
+)
+def test_every_embedder_runs_end_to_end(embedder, data_dir, tmp_path, capsys):
+    """`python -m vlm.train trainer=cpu model=vilt_tiny model/embedder=E debug=fdr`, at a small resolution."""
+    cfg = compose_config([*TINY, f"paths.data_dir={data_dir}", *embedder], output_dir=str(tmp_path))
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "val/itm_acc" in out and "skipped 0 samples" in out

@@ -1,4 +1,4 @@
-"""python -m vlm.bench [step] [--out DIR]: speed reports, printed as a table and written as JSON.
+"""python -m vlm.bench [step] [embedders] [--out DIR]: speed reports, printed as a table and written as JSON.
 
 Benchmarks compare side by side in one process (ratios), since machines are noisy; they never assert.
 
@@ -8,6 +8,7 @@ Benchmarks compare side by side in one process (ratios), since machines are nois
            training step with WPA against the same step without it
     threads  a vilt_tiny training step (ITM + MLM + WPA, bf16) with 1 intra-op thread against all of them,
            alternated: on a shared, loaded CPU the threads can spend the step waiting for each other
+    embedders  patch, grid and region embedders side by side: parameters, GFLOPs, time alone and in a training step
 """
 
 from __future__ import annotations
@@ -326,7 +327,128 @@ def bench_threads(args) -> dict:
     return {"step_ms": {str(n): v for n, v in ms.items()}, "load_average": load, "cpus": os.cpu_count()}
 
 
-BENCHES = {"step": bench_step, "model": bench_model, "wpa": bench_wpa, "threads": bench_threads}
+EMBEDDERS = {  # each at the data's resolution, under the same vilt_tiny and the default task
+    "patch": ["model/embedder=patch"],
+    "grid r18": ["model/embedder=grid"],
+    "grid r50": ["model/embedder=grid", "model.embedder.backbone=resnet50"],
+    "region r18, data boxes": ["model/embedder=region"],
+    "region r18, detector": ["model/embedder=region", "model.embedder.box_source=detector"],
+}
+
+
+def scene_batch(n: int, image_size: int, max_size: int, vocab: int):
+    """``n`` validation scenes of the built-in data at the data's resolution, with their boxes (no files needed)."""
+    from vlm.data.collate import pad_images
+    from vlm.data.synthetic import layout, render
+    from vlm.data.transforms import build_transform, to_boxes
+
+    transform = build_transform(image_size, max_size)
+    images, boxes = [], []
+    for i in range(n):
+        w, h, objs = layout(0, "val", i)
+        image, b = transform(render(0, "val", i, w, h, objs), to_boxes([o.box for o in objs], h, w))
+        images.append(image)
+        boxes.append(b.as_subclass(torch.Tensor))
+    batch = synthetic_batch(n, 30, 32, 32, vocab)
+    batch.images, batch.pixel_mask = pad_images(images)
+    batch.boxes = boxes
+    return batch
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_embedders(args) -> dict:
+    """Cost of each visual embedder, side by side: parameters, GFLOPs, and time alone and in a training step."""
+    from hydra.utils import instantiate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlm.cli import compose_train
+
+    n, vocab = args.batch, 4096
+    base = compose_train([])
+    batch = scene_batch(n, base.data.image_size, base.data.max_size, vocab)
+    extra = [f"model.embedder.detector.weights={args.detector_weights}"] if args.detector_weights else []
+    cases = {}
+    for name, overrides in EMBEDDERS.items():
+        cfg = compose_train([*overrides, *(extra if "detector" in name else [])])
+        torch.manual_seed(0)
+        model = instantiate(cfg.model, vocab_size=vocab)
+        task = instantiate(cfg.task, model=model)
+        emb = model.embedder
+        cost = emb.cost(batch.images, batch.pixel_mask, batch.boxes)
+        with FlopCounterMode(display=False) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            task.compute(batch)["loss"].backward()
+        task.zero_grad(set_to_none=True)
+        tokens = emb.eval()(batch.images, batch.pixel_mask, batch.boxes).mask.sum(1).float().mean().item()
+        opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-5)
+        cases[name] = {"task": task, "emb": emb, "opt": opt, "times": {"fwd": [], "fwd_bwd": [], "step": []},
+                       "row": {"embedder": name, "params_m": cost["params"] / 1e6, "trainable_m": cost["trainable"] / 1e6,
+                               "gflops": cost["gflops"], "tokens": tokens,
+                               "step_gflops": counter.get_total_flops() / n / 1e9}}
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def forward(c):
+        c["emb"].eval()
+        with torch.no_grad(), autocast():
+            c["emb"](batch.images, batch.pixel_mask, batch.boxes)
+
+    def forward_backward(c):
+        c["emb"].train()
+        with autocast():
+            out = c["emb"](batch.images, batch.pixel_mask, batch.boxes)
+        out.embeds.float().sum().backward()
+        c["emb"].zero_grad(set_to_none=True)
+
+    def step(c):
+        c["task"].train()
+        with autocast():
+            loss = c["task"].compute(batch)["loss"]
+        loss.backward()
+        c["opt"].step()
+        c["opt"].zero_grad(set_to_none=True)
+
+    for r in range((args.repeats or 5) + 1):  # round robin, so every embedder sees the same machine; round 0 warms up
+        for c in cases.values():
+            for key, fn in (("fwd", forward), ("fwd_bwd", forward_backward), ("step", step)):
+                t = timed(lambda: fn(c))
+                if r:
+                    c["times"][key].append(t / n * 1e3)
+    rows = []
+    for c in cases.values():
+        row = c["row"]
+        for key, ts in c["times"].items():
+            row[f"{key}_ms"] = statistics.median(ts)
+        rows.append(row)
+    ref = rows[0]
+    for row in rows:
+        for key in ("gflops", "step_gflops", "fwd_ms", "fwd_bwd_ms", "step_ms"):
+            row[f"{key}_x_patch"] = row[key] / ref[key]
+    h, w = batch.images.shape[2:]
+    title = (f"visual embedders at the data's resolution ({n} scenes, padded to {h}x{w}), bf16 autocast, "
+             f"{torch.get_num_threads()} threads; x = ratio to patch")
+    table = Table(title=title)
+    for col in ("embedder", "params M (trainable)", "tokens / img", "GFLOPs / img", "fwd ms / img",
+                "fwd+bwd ms / img", "train-step GFLOPs / img", "train step ms / img"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["embedder"], f"{r['params_m']:.2f} ({r['trainable_m']:.2f})", f"{r['tokens']:.1f}",
+            f"{r['gflops']:.3f} ({r['gflops_x_patch']:.0f}x)", f"{r['fwd_ms']:.1f} ({r['fwd_ms_x_patch']:.0f}x)",
+            f"{r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_x_patch']:.0f}x)",
+            f"{r['step_gflops']:.2f} ({r['step_gflops_x_patch']:.1f}x)", f"{r['step_ms']:.1f} ({r['step_ms_x_patch']:.1f}x)",
+        )
+    Console(width=200).print(table)
+    return {"batch": n, "padded_image": [h, w], "detector_weights": args.detector_weights, "rows": rows}
+
+
+BENCHES = {"step": bench_step, "model": bench_model, "embedders": bench_embedders, "wpa": bench_wpa,
+           "threads": bench_threads}
 
 
 def main() -> None:
@@ -334,6 +456,8 @@ def main() -> None:
     p.add_argument("which", nargs="*", default=list(BENCHES), choices=list(BENCHES))
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: each bench's own)")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batch sizes (model)")
+    p.add_argument("--batch", type=int, default=8, help="embedders: images per timed batch")
+    p.add_argument("--detector-weights", help="embedders: the region detector's weights (a task=detection checkpoint)")
     p.add_argument("--out", default="bench", help="folder for <bench>.json")
     args = p.parse_args()
     out = Path(args.out)

@@ -38,7 +38,8 @@ def build(cfg: DictConfig):
         accumulate = dm.accumulation(devices_of(cfg.trainer))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or dm.vocab_size)
+    text = {"vocab_size": cfg.model.vocab_size or dm.vocab_size} if "vocab_size" in cfg.model else {}  # not a detector
+    model = instantiate(cfg.model, **text)
     task = instantiate(cfg.task, model=model)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -70,10 +71,11 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, task, dm) -> dict[str, float]:
 
 def summary_of(task, trainer: L.Trainer) -> dict[str, float]:
     """Cost figures that sit beside the metrics in W&B's summary and in results.json."""
-    out = {
-        "params/model": float(sum(p.numel() for p in task.model.parameters())),
-        "params/embedder": float(sum(p.numel() for p in task.model.embedder.parameters())),
-    }
+    model = getattr(task, "model", task)  # a detection task has no ViLT: count all of it
+    out = {"params/model": float(sum(p.numel() for p in model.parameters()))}
+    embedder = getattr(model, "embedder", None)
+    if embedder is not None:
+        out["params/embedder"] = float(sum(p.numel() for p in embedder.parameters()))
     for cb in trainer.callbacks:
         if isinstance(cb, Throughput):
             out.update(cb.summary())

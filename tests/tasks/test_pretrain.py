@@ -88,7 +88,7 @@ def test_mpp_masks_visual_content_but_keeps_positions():
 
 def test_mpp_needs_token_positions():
     t = task(mpp=1.0)
-    t.model.embedder.forward = lambda images, pixel_mask, boxes=None: VisualTokens(
+    t.model.embedder.forward = lambda images, pixel_mask, boxes=None, box_features=None: VisualTokens(
         torch.zeros(images.shape[0], 3, 32), torch.ones(images.shape[0], 3, dtype=torch.bool)
     )
     with pytest.raises(ValueError, match="MPP needs token positions"):

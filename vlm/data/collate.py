@@ -30,6 +30,7 @@ class Batch:
     itm_labels: Tensor | None = None  # [B]
     boxes: list[Tensor] | None = None  # per image [K, 4] pixel xyxy in the transformed frame
     box_labels: list[Tensor] | None = None
+    box_features: list[Tensor] | None = None  # per image [K, F] features of ``boxes``, from a region file
     position: tuple[int, int, int] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -142,6 +143,8 @@ class Collator:
         if "boxes" in samples[0]:
             batch.boxes = [torch.as_tensor(s["boxes"], dtype=torch.float32).reshape(-1, 4) for s in samples]
             batch.box_labels = [torch.as_tensor(s.get("box_labels", []), dtype=torch.int64) for s in samples]
+        if "box_features" in samples[0]:
+            batch.box_features = [torch.as_tensor(s["box_features"]) for s in samples]
         if self.mlm_prob > 0:
             word_ids = [enc.word_ids(i) for i in range(len(samples))]
             batch.mlm_ids, batch.mlm_labels = whole_word_mask(

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from vlm.data.collate import Batch, Collator
+from vlm.data.regions import RegionFile
 from vlm.data.sources import WebDatasetSource
 from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
 from vlm.data.synthetic import SyntheticData
@@ -22,6 +23,8 @@ class ImageTextDataModule(L.LightningDataModule):
     device sees per step, the rest is gradient accumulation (`accumulation`). ``tokenizer`` is a saved
     tokenizer directory or a locally cached `transformers` name; unset, a WordPiece is trained on the
     training captions and saved beside the shards. ``generate`` writes the data on first use.
+    ``region_features``: a region feature file (`vlm.data.regions`) whose boxes and features replace each
+    sample's boxes (for ``box_source=precomputed``); samples it lacks are skipped and counted.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class ImageTextDataModule(L.LightningDataModule):
         seed: int = 0,
         caption_key: str = "caption",
         generate: SyntheticData | None = None,
+        region_features: str | None = None,
     ):
         super().__init__()
         self.files = {"train": train_files, "val": val_files, "test": test_files}
@@ -54,6 +58,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.image_size, self.max_size, self.size_divisor, self.augment = image_size, max_size, size_divisor, augment
         self.max_text_len, self.mlm_prob, self.itm_neg_fraction = max_text_len, mlm_prob, itm_neg_fraction
         self.caption_key, self.generate = caption_key, generate
+        self.region_features = region_features
         self.progress = StreamProgress()
         self.skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
         self._tokenizer = None
@@ -98,8 +103,10 @@ class ImageTextDataModule(L.LightningDataModule):
         train = split == "train"
         collate = Collator(self.tokenizer, self.max_text_len, self.mlm_prob, self.itm_neg_fraction)
         transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none")
+        regions = RegionFile(self.region_features) if self.region_features else None
         return ShardStream(
-            self.source(split), transform, collate, self.device_batch_size, seed=self.seed, shuffle=self.shuffle and train
+            self.source(split), transform, collate, self.device_batch_size, seed=self.seed, shuffle=self.shuffle and train,
+            regions=regions,
         )
 
     def _loader(self, split: str, progress: StreamProgress | None = None) -> StreamLoader:

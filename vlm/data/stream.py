@@ -30,9 +30,10 @@ class ShardStream(IterableDataset):
     """Yields whole `Batch`es (collated in the worker), each stamped with its stream position."""
 
     def __init__(self, source, transform, collate, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, max_text_chars: int = 2000):
+                 drop_last: bool = False, max_text_chars: int = 2000, regions=None):
         super().__init__()
         self.source, self.transform, self.collate = source, transform, collate
+        self.regions = regions  # a vlm.data.regions.RegionFile: each sample's boxes and features come from it
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.max_text_chars = max_text_chars
         # set in the main process before workers start (see StreamLoader)
@@ -81,6 +82,8 @@ class ShardStream(IterableDataset):
             sample["boxes"], sample["box_labels"] = boxes.as_subclass(torch.Tensor), ex["box_labels"]
         else:
             sample["image"] = self.transform(img)
+        if self.regions is not None:
+            sample.update(self.regions.sample_fields(ex["key"], *sample["image"].shape[-2:]))
         return sample
 
     def __iter__(self) -> Iterator[Batch]:

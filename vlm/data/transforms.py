@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -35,6 +37,32 @@ class MinMaxResize(v2.Transform):
         )
 
 
+class RandAugmentWithBoxes(v2.RandAugment):
+    """torchvision's RandAugment, except that boxes and masks follow its shears, translations and rotations.
+
+    v2.RandAugment refuses boxes; its geometric operations are affine maps that v2's functionals apply to
+    boxes as well, so each drawn operation is applied to the image and, when geometric, to them.
+    """
+
+    GEOMETRIC = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
+
+    def forward(self, *inputs: Any) -> Any:
+        flat, spec = tree_flatten(inputs if len(inputs) > 1 else inputs[0])
+        follow = [isinstance(x, (tv_tensors.BoundingBoxes, tv_tensors.Mask)) for x in flat]
+        image_at = next(i for i, x in enumerate(flat) if isinstance(x, (Image.Image, tv_tensors.Image, torch.Tensor)) and not follow[i])
+        height, width = query_size([flat[image_at]])
+        for _ in range(self.num_ops):
+            op, (magnitudes_fn, signed) = self._get_random_item(self._AUGMENTATION_SPACE)
+            magnitudes = magnitudes_fn(self.num_magnitude_bins, height, width)
+            magnitude = 0.0 if magnitudes is None else float(magnitudes[self.magnitude])
+            if signed and torch.rand(()) <= 0.5:
+                magnitude = -magnitude
+            for i, x in enumerate(flat):
+                if i == image_at or (follow[i] and op in self.GEOMETRIC):
+                    flat[i] = self._apply_image_or_video_transform(x, op, magnitude, self.interpolation, self._fill)
+        return tree_unflatten(flat, spec)
+
+
 def build_transform(image_size: int = 384, max_size: int | None = None, size_divisor: int = 32, augment: str = "none"):
     """PIL image (+ BoundingBoxes) -> normalised float tensor (+ boxes in the new pixel frame).
 
@@ -44,7 +72,7 @@ def build_transform(image_size: int = 384, max_size: int | None = None, size_div
     max_size = max_size or int(1333 / 800 * image_size)
     steps: list = []
     if augment == "randaugment":
-        steps.append(v2.RandAugment(num_ops=2, magnitude=9))
+        steps.append(RandAugmentWithBoxes(num_ops=2, magnitude=9))
     elif augment != "none":
         raise ValueError(f"augment must be 'none' or 'randaugment', got {augment!r}")
     steps += [

@@ -146,7 +146,9 @@ class ViLT(nn.Module):
         )
         self.norm = norm(hidden_size)
         self.pooler = Pooler(hidden_size)
-        self.apply(init_weights)
+        for child in self.children():  # the embedder initialises itself (and may hold loaded weights)
+            if child is not embedder:
+                child.apply(init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.init_from = init_from
         if init_from:
@@ -174,12 +176,13 @@ class ViLT(nn.Module):
         boxes: list[Tensor] | None = None,
         visual: VisualTokens | None = None,
         image_token_type: int = 1,
+        box_features: list[Tensor] | None = None,
     ) -> ViltOutput:
-        """Pass ``images``/``pixel_mask`` (and ``boxes``), or ``visual`` tokens embedded beforehand."""
+        """Pass ``images``/``pixel_mask`` (and ``boxes``, ``box_features``), or ``visual`` tokens embedded beforehand."""
         if visual is None:
             if pixel_mask is None:
                 pixel_mask = images.new_ones(images.shape[0], *images.shape[2:], dtype=torch.bool)
-            visual = self.embedder(images, pixel_mask, boxes)
+            visual = self.embedder(images, pixel_mask, boxes, box_features)
         text = self.text_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         image, image_mask = self.embed_image(visual, image_token_type)
         text_mask = attention_mask.bool()

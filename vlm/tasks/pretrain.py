@@ -92,7 +92,7 @@ class PretrainLitModule(L.LightningModule):
         """Losses and what the metrics need, for one batch (``measure_wpa``: transport distances even with WPA off)."""
         out: dict[str, Tensor] = {}
         # embed the images once: the ITM pass shows the same images, some to other texts
-        visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes)
+        visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes, batch.box_features)
         wpa = self.active("wpa") or measure_wpa
         if self.active("itm") or wpa:
             res = self.model(batch.input_ids, batch.attention_mask, visual=visual.select(batch.itm_index))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass
@@ -33,7 +34,7 @@ class VisualTokens:
 
 
 class VisualEmbedder(nn.Module, ABC):
-    """Base class: ``forward(images, pixel_mask, boxes=None) -> VisualTokens``.
+    """Base class: ``forward(images, pixel_mask, boxes=None, box_features=None) -> VisualTokens``.
 
     ``max_tokens`` caps N the same way for every family (> 0: at most that many tokens per image; <= 0: all).
     ``freeze`` stops its gradients; ``lr_mult`` scales its learning rate in the task's optimiser.
@@ -56,8 +57,32 @@ class VisualEmbedder(nn.Module, ABC):
         return super().train(mode and not self.freeze)
 
     @abstractmethod
-    def forward(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None) -> VisualTokens:
-        """images [B, 3, H, W] normalised, pixel_mask [B, H, W] (True = real pixel), boxes: per image [K, 4]."""
+    def forward(
+        self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None,
+        box_features: list[Tensor] | None = None,
+    ) -> VisualTokens:
+        """images [B, 3, H, W] normalised, pixel_mask [B, H, W] (True = real pixel), boxes: per image [K, 4]
+        pixel xyxy, box_features: per image [K, F] features of those boxes read from a file (region only)."""
+
+    def cost(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None,
+             box_features: list[Tensor] | None = None) -> dict[str, float]:
+        """Parameters and forward GFLOPs per image on this batch, counted by ``torch.utils.flop_counter``.
+
+        The counter sees matrix products and convolutions (2 FLOPs per multiply-add); element-wise work,
+        RoIAlign and NMS are not counted, so this is the arithmetic that dominates, not wall-clock.
+        """
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self(images, pixel_mask, boxes, box_features)
+        return {
+            "params": sum(p.numel() for p in self.parameters()),
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "gflops": counter.get_total_flops() / images.shape[0] / 1e9,
+        }
+
+
+def real_extent(pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's real (unpadded) height and width in pixels: images are padded bottom/right."""
+    return pixel_mask[:, :, 0].sum(1), pixel_mask[:, 0, :].sum(1)
 
 
 def select_tokens(valid: Tensor, max_tokens: int) -> tuple[Tensor, Tensor]:

@@ -37,7 +37,7 @@ class PatchEmbedder(VisualEmbedder):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.finish_init()
 
-    def forward(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None) -> VisualTokens:
+    def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
         p, d = self.patch_size, self.hidden_size
         x = self.proj(images)  # [B, D, gh, gw]
         gh, gw = x.shape[2:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,3 +31,56 @@ def resize_grid_table(table: Tensor, heights: Tensor, widths: Tensor, out_h: int
     )
     inside = (rows[None, :, None] < h[:, :, None]) & (cols[None, None, :] < w[:, :, None])
     return out * inside[:, None].to(out.dtype)
+
+
+class RowColumnEmbedding(torch.nn.Module):
+    """Learned 2-D positions for grid cells: a row table plus a column table (summed), as Pixel-BERT-style grids."""
+
+    def __init__(self, hidden_size: int, max_rows: int = 64, max_cols: int = 64):
+        super().__init__()
+        self.rows = torch.nn.Embedding(max_rows, hidden_size)
+        self.cols = torch.nn.Embedding(max_cols, hidden_size)
+        torch.nn.init.trunc_normal_(self.rows.weight, std=0.02)
+        torch.nn.init.trunc_normal_(self.cols.weight, std=0.02)
+
+    def forward(self, gh: int, gw: int) -> Tensor:
+        """[gh, gw, D] for a gh x gw grid (the same for every image: row r is row r wherever the image ends)."""
+        if gh > self.rows.num_embeddings or gw > self.cols.num_embeddings:
+            raise ValueError(
+                f"a {gh}x{gw} grid exceeds the position tables ({self.rows.num_embeddings}x{self.cols.num_embeddings}): "
+                "raise max_rows / max_cols"
+            )
+        return self.rows.weight[:gh, None, :] + self.cols.weight[None, :gw, :]
+
+
+def sine_2d(heights: Tensor, widths: Tensor, gh: int, gw: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """DETR's normalised 2-D sine encoding, per image: [B, gh, gw, dim].
+
+    Coordinates are cell centres divided by each image's own valid rows/columns, times 2*pi, so the same
+    relative position gets the same code whatever the image's size; half the channels encode y, half x.
+    """
+    if dim % 4:
+        raise ValueError(f"the 2-D sine encoding needs a hidden size divisible by 4, got {dim}")
+    device = heights.device
+    y = (torch.arange(gh, device=device, dtype=torch.float32)[None] + 0.5) / heights.clamp(min=1)[:, None] * 2 * math.pi
+    x = (torch.arange(gw, device=device, dtype=torch.float32)[None] + 0.5) / widths.clamp(min=1)[:, None] * 2 * math.pi
+    n = dim // 2
+    freq = temperature ** (2 * (torch.arange(n // 2, device=device, dtype=torch.float32)) / n)
+
+    def encode(t: Tensor) -> Tensor:  # [B, L] -> [B, L, n]: interleaved sin / cos
+        a = t[..., None] / freq
+        return torch.stack([a.sin(), a.cos()], dim=-1).flatten(-2)
+
+    ey, ex = encode(y), encode(x)  # [B, gh, n], [B, gw, n]
+    return torch.cat([ey[:, :, None, :].expand(-1, gh, gw, n), ex[:, None, :, :].expand(-1, gh, gw, n)], dim=-1)
+
+
+def box_geometry(boxes: Tensor, widths: Tensor, heights: Tensor) -> Tensor:
+    """UNITER's 7-d box encoding [x1, y1, x2, y2, w, h, w*h], coordinates divided by the image's size.
+
+    boxes: [B, N, 4] pixel xyxy; widths/heights: [B] the real image extent.
+    """
+    scale = torch.stack([widths, heights, widths, heights], dim=-1).to(boxes.dtype)[:, None, :]
+    b = boxes / scale.clamp(min=1)
+    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    return torch.cat([b, w[..., None], h[..., None], (w * h)[..., None]], dim=-1)

@@ -1,0 +1,112 @@
+"""What every embedder shares: no token from padding, the token cap, freezing, the cost count."""
+
+from functools import partial
+
+import pytest
+import torch
+
+from vlm.models.detector import build_detector
+from vlm.models.embedders.grid import GridEmbedder
+from vlm.models.embedders.patch import PatchEmbedder
+from vlm.models.embedders.region import RegionEmbedder
+from vlm.models.vilt import ViLT
+
+SMALL_DETECTOR = partial(build_detector, min_size=64, max_size=96, returned_layers=[3, 4], fpn_channels=32,
+                         representation_size=32, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,
+                         anchor_sizes=[32, 64, 128], box_score_thresh=0.0)
+
+
+def make(kind: str, **kw):
+    if kind == "patch":
+        return PatchEmbedder(hidden_size=16, patch_size=32, image_size=64, max_tokens=kw.pop("max_tokens", -1), **kw)
+    if kind == "grid":
+        return GridEmbedder(hidden_size=16, max_tokens=kw.pop("max_tokens", -1), **kw)
+    if kind == "region_detector":
+        return RegionEmbedder(hidden_size=16, box_source="detector", detector=SMALL_DETECTOR,
+                              max_tokens=kw.pop("max_tokens", 8), **kw)
+    return RegionEmbedder(hidden_size=16, box_source="data", max_tokens=kw.pop("max_tokens", 8), **kw)
+
+
+KINDS = ["patch", "grid", "region_data", "region_detector"]
+
+
+def batch():
+    """Three images padded to 96 x 128: full, bottom 32 rows padding, right 64 columns padding."""
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 96, 128)
+    mask = torch.zeros(3, 96, 128, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :64, :] = True
+    mask[2, :, :64] = True
+    images[~mask[:, None].expand_as(images)] = 0.0
+    boxes = [torch.tensor([[8.0, 8.0, 60.0, 40.0], [70.0, 30.0, 120.0, 90.0]]), torch.tensor([[0.0, 0.0, 40.0, 40.0]]),
+             torch.zeros(0, 4)]
+    return images, mask, boxes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_token_comes_from_padding(kind):
+    emb = make(kind).eval()
+    images, mask, boxes = batch()
+    out = emb(images, mask, boxes)
+    assert out.embeds.shape[:2] == out.mask.shape == out.boxes.shape[:2]
+    for i in range(3):  # every real token's extent lies in the real pixels
+        h, w = int(mask[i, :, 0].sum()), int(mask[i, 0, :].sum())
+        b = out.boxes[i][out.mask[i]]
+        assert len(b) > 0
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+    # whatever the padding holds, real tokens are the same
+    noisy = images.clone()
+    noisy[~mask[:, None].expand_as(noisy)] = 50.0
+    out2 = emb(noisy, mask, boxes)
+    assert torch.equal(out.mask, out2.mask)
+    torch.testing.assert_close(out.embeds[out.mask], out2.embeds[out2.mask])
+
+
+@pytest.mark.parametrize("kind", ["patch", "grid", "region_data"])
+def test_max_tokens_caps_every_embedder_the_same_way(kind):
+    emb = make(kind, max_tokens=2).eval()
+    images, mask, boxes = batch()
+    out = emb(images, mask, boxes)
+    assert out.embeds.shape[1] == 2
+    assert out.mask.sum(1).tolist() == [2, 1, 1] if kind == "region_data" else out.mask.all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_embedder_gets_no_gradient_and_stays_in_eval(kind):
+    emb = make(kind, freeze=True)
+    model = ViLT(emb, vocab_size=50, hidden_size=16, num_layers=1, num_heads=2).train()
+    assert not emb.training and all(not m.training for m in emb.modules())
+    images, mask, boxes = batch()
+    bn = [m for m in emb.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    stats = [m.running_mean.clone() for m in bn]
+    out = model(torch.randint(5, 50, (3, 6)), torch.ones(3, 6), images, mask, boxes)
+    out.pooler_output.sum().backward()
+    assert all(p.grad is None for p in emb.parameters())
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(bn, stats))  # no BatchNorm statistics updated
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["grid", "region_data"])
+def test_trainable_embedder_gets_gradient(kind):
+    emb = make(kind)
+    images, mask, boxes = batch()
+    emb(images, mask, boxes).embeds.sum().backward()
+    assert emb.trunk.conv1.weight.grad is not None and emb.trunk.conv1.weight.grad.abs().sum() > 0
+
+
+def test_patch_gflops_agree_with_a_hand_count():
+    emb = PatchEmbedder(hidden_size=24, patch_size=16, image_size=64, max_tokens=-1)
+    images = torch.randn(2, 3, 96, 160)
+    cost = emb.cost(images, torch.ones(2, 96, 160, dtype=torch.bool))
+    patches = (96 // 16) * (160 // 16)
+    assert cost["gflops"] * 1e9 == 2 * (3 * 16 * 16) * 24 * patches  # one multiply-add = 2 FLOPs
+    assert cost["params"] == 3 * 16 * 16 * 24 + 24 + (1 + 4 * 4) * 24
+
+
+def test_costs_rank_as_the_architectures_do():
+    images, mask, boxes = batch()
+    costs = {k: make(k).cost(images, mask, boxes) for k in KINDS}
+    assert costs["patch"]["gflops"] < costs["region_data"]["gflops"] < costs["region_detector"]["gflops"]
+    assert costs["grid"]["gflops"] > 50 * costs["patch"]["gflops"]
+    assert costs["region_detector"]["trainable"] == costs["region_data"]["trainable"]  # the detector only proposes
