@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors reach `main`, which reports them on one line
 
@@ -13,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.cli import quote_brace_ranges
 from vlm.config import ConfigError, check, reported
 from vlm.report import print_metrics, print_skipped
 
@@ -74,6 +76,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    sys.argv = quote_brace_ranges(sys.argv)
     with reported("vlm.train"):
         _main()
 
