@@ -68,7 +68,10 @@ def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale to 8 bits
+    if img.mode.startswith("I;16"):  # 16-bit greyscale: to 8 bits as PIL does for 16-bit RGB (x 255/65535)
+        a = np.asarray(img, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):  # 32-bit int / float greyscale has no fixed range: stretch to 8 bits
         a = np.asarray(img, dtype=np.float32)
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)

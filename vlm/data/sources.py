@@ -210,19 +210,27 @@ class Parquet(Source):
         out: list[Shard] = []
         for f in existing_files(files):
             try:
-                groups = pq.ParquetFile(f).num_row_groups
+                meta = pq.ParquetFile(f)
             except Exception:  # unreadable: kept as one shard, whose read fails and is counted then
-                groups = 1
-            out += [Shard(f, g) for g in range(groups)]
+                out.append(Shard(f))
+                continue
+            names = meta.schema_arrow.names
+            missing = [c for c in self._columns() if c not in names]
+            if missing:  # a wrong key in the config, not a bad file: say so at start
+                raise KeyError(f"{f}: no column {missing[0]!r} (columns: {', '.join(names)})")
+            out += [Shard(f, g) for g in range(meta.num_row_groups)]
         return out
+
+    def _columns(self) -> list[str]:
+        return [c for c in (self.image_column, self.caption_column, self.key_column, self.boxes_column,
+                            self.labels_column) if c]
 
     def describe(self, shard: Shard) -> str:
         return f"{shard.file} (row group {shard.part})"
 
     def read(self, shard: Shard) -> Iterator[dict]:
         path, group = shard.file, shard.part
-        columns = [c for c in (self.image_column, self.caption_column, self.key_column, self.boxes_column,
-                               self.labels_column) if c]
+        columns = self._columns()
         ds = load_dataset("parquet", data_files={"train": [path]}, split="train", streaming=True)
         missing = [c for c in columns if c not in ds.features]
         if missing:
