@@ -4,7 +4,6 @@ resumable mid-epoch; `LogSkipped` logs what it dropped."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -22,16 +21,17 @@ from vlm.data.transforms import build_transform
 SPLITS = ("train", "val", "test")
 
 
-@dataclass
 class MixPart:
     """One data set of a mixture: its layout, its files per split, and its probability weight in training
-    draws (weights are normalised; validation reads every part's val files in full)."""
+    draws (weights are normalised; validation reads every part's val files in full).
 
-    source: Source
-    train_files: str | list[str]
-    val_files: str | list[str] | None = None
-    test_files: str | list[str] | None = None
-    weight: float = 1.0
+    (A plain class: Hydra would turn a dataclass inside the ``mix`` dict back into a structured config.)
+    """
+
+    def __init__(self, source: Source, train_files: str | list[str], val_files: str | list[str] | None = None,
+                 test_files: str | list[str] | None = None, weight: float = 1.0):
+        self.source, self.weight = source, weight
+        self.train_files, self.val_files, self.test_files = train_files, val_files, test_files
 
 
 class ImageTextDataModule(L.LightningDataModule):
