@@ -52,6 +52,7 @@ def test_short_run_logs_csv_metrics_and_resumes(data_dir, tmp_path):
     assert steps and min(steps) >= 4  # resumed at step 4, not from scratch
 
 
+@pytest.mark.slow
 def test_cli_trains_on_img2dataset_shards_with_bad_samples(data_dir, tmp_path):
     """The issue's command on small shards: 3% failed downloads, 10% broken images; skips printed and logged."""
     from vlm.data import export

@@ -1,4 +1,4 @@
-"""python -m vlm.bench [step] [--out DIR]: speed reports, printed as a table and written as JSON.
+"""python -m vlm.bench [step] [data] [--out DIR]: speed reports, printed as a table and written as JSON.
 
 Benchmarks compare side by side in one process (ratios), since machines are noisy; they never assert.
 
@@ -132,12 +132,16 @@ def loader_rate(fixture, workers: int, batches: int, batch: int, size: tuple[int
     return rate
 
 
-def train_rate(task, batches, steps: int) -> float:
-    """Training samples/s (bf16 autocast, AdamW) over ``steps`` batches from the iterator ``batches``."""
+def train_rate(task, batches, steps: int) -> tuple[float, float]:
+    """Training samples/s (bf16 autocast, AdamW) over ``steps`` batches from the iterator ``batches``, and the
+    share of that time spent waiting for the next batch."""
     opt = torch.optim.AdamW(task.parameters(), lr=1e-5)
-    n, t0 = 0, 0.0
+    n, t0, waited = 0, 0.0, 0.0
     for i in range(steps + 1):  # the first step (and a loader's start) is not counted
+        t = time.perf_counter()
         data = next(batches)
+        if i:
+            waited += time.perf_counter() - t
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = task.compute(data)["loss"]
         loss.backward()
@@ -147,10 +151,15 @@ def train_rate(task, batches, steps: int) -> float:
             t0 = time.perf_counter()
         else:
             n += len(data)
-    return n / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    return n / elapsed, waited / elapsed
 
 
 def bench_data(args) -> dict:
+    """Loader samples/s per layout (the same scenes in each) and worker count; then, for each model preset,
+    the bf16 step's consumption beside the 2-worker loader at that preset's image size (measured in turn,
+    twice), and for vilt_tiny the training loop itself fed by the loader over the same loop on one
+    pre-made batch, with the share of its time spent waiting for a batch."""
     import itertools
     import tempfile
 
@@ -184,13 +193,16 @@ def bench_data(args) -> dict:
             row["loader_over_consumption"] = row["loader_2w_per_s"] / row["consumes_per_s"]
             if preset == "vilt_tiny":  # the loop itself: fed by 2 loader workers vs one pre-made batch, in turn
                 premade = next(iter(dm.train_dataloader()))
-                fed, unfed = [], []
+                fed, unfed, waits = [], [], []
                 for _ in range(2):
                     loader = iter(data_module(fixtures["synthetic"], 2, batch, size).train_dataloader())
-                    fed.append(train_rate(task, loader, 2 * args.repeats))
+                    rate, wait = train_rate(task, loader, 2 * args.repeats)
+                    fed.append(rate)
+                    waits.append(wait)
                     del loader
-                    unfed.append(train_rate(task, itertools.repeat(premade), 2 * args.repeats))
+                    unfed.append(train_rate(task, itertools.repeat(premade), 2 * args.repeats)[0])
                 row["fed_over_premade"] = statistics.median(fed) / statistics.median(unfed)
+                row["fed_wait_share"] = statistics.median(waits)
             models.append(row)
     table = Table(title=f"loader samples/s by format and workers (batch {batch}, shorter side {tiny[0]}, "
                         f"longer side <= {tiny[1]}, {n} scenes in 4 shards)")
@@ -200,11 +212,13 @@ def bench_data(args) -> dict:
         table.add_row(r["format"], *(f"{r[f'workers_{w}']:.0f}" for w in (0, 1, 2)))
     Console().print(table)
     table = Table(title=f"does the loader keep up? built-in data, 2 workers, bf16 step, {torch.get_num_threads()} threads")
-    for col in ("model", "image", "step consumes/s", "loader/s", "loader / step", "fed by loader / pre-made batch"):
+    for col in ("model", "image", "step consumes/s", "loader/s", "loader / step", "fed / pre-made", "waiting"):
         table.add_column(col, justify="right")
     for r in models:
+        fed = "fed_over_premade" in r
         table.add_row(r["model"], r["image"], f"{r['consumes_per_s']:.1f}", f"{r['loader_2w_per_s']:.0f}",
-                      f"{r['loader_over_consumption']:.1f}x", f"{r['fed_over_premade']:.2f}" if "fed_over_premade" in r else "")
+                      f"{r['loader_over_consumption']:.1f}x", f"{r['fed_over_premade']:.2f}" if fed else "",
+                      f"{100 * r['fed_wait_share']:.0f}%" if fed else "")
     Console().print(table)
     return {"formats": rows, "models": models, "samples": n, "batch": batch, "image_tiny": tiny, "image_base": base}
 

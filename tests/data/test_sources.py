@@ -158,3 +158,18 @@ def test_boxes_follow_the_resize(formats, tokenizer):
             h, w = b.pixel_mask[i].any(1).sum(), b.pixel_mask[i].any(0).sum()
             assert (boxes[:, 2] <= w + 1e-3).all() and (boxes[:, 3] <= h + 1e-3).all()
             assert torch.all(boxes[:, 2:] > boxes[:, :2])
+
+
+def test_imagefolder_boxes_and_keys_from_columns(tmp_path, tokenizer):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for key, jpg, meta in export.scenes("train", 5):
+        (tmp_path / "img" / f"{key}.jpg").write_bytes(jpg)
+        rows.append({"file_name": f"img/{key}.jpg", "caption": meta["caption"], "id": key, "boxes": meta["boxes"],
+                     "labels": meta["labels"]})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = ImageFolder(caption_column="caption", key_column="id", boxes_column="boxes", labels_column="labels",
+                         cache_dir=str(tmp_path / "cache"))
+    batches = stream_all(tokenizer, source, source.shards(str(tmp_path / "metadata.jsonl"), "train"))
+    assert [k for b in batches for k in b.keys] == [r["id"] for r in rows]
+    assert [b.tolist() for b in batches for b in b.box_labels] == [r["labels"] for r in rows]

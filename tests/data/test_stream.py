@@ -218,3 +218,37 @@ def test_order_depends_on_seed_only_through_the_generators(tokenizer, tmp_path):
     plain = keys(one_pass(make_stream(tokenizer, [(source, shards)], shuffle=False), 0))
     assert plain == [f"train-{i:07d}" for i in range(24)]
     assert np.mean([x != y for x, y in zip(a, plain)]) > 0.5
+
+
+def _gather_positions(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    progress = StreamProgress()
+    progress.positions = {2 * rank: {"draws": rank, "cursors": [[0, rank, 1]]}, 2 * rank + 1: {"draws": 9, "cursors": [[1, 0, 0]]}}
+    progress.batches = 5
+    state = progress.state_dict()
+    if rank == 0:
+        out.put(state)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_checkpoint_state_holds_every_ranks_streams():
+    """Rank 0 writes the checkpoint: the data state it saves must hold the other ranks' streams too."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gather_positions, args=(r, 2, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    state = out.get(timeout=120)
+    for p in procs:
+        p.join(60)
+    assert sorted(state["positions"]) == [0, 1, 2, 3] and state["positions"][2]["cursors"] == [[0, 1, 1]]

@@ -73,6 +73,7 @@ class ImageTextDataModule(L.LightningDataModule):
         generate: SyntheticData | None = None,
     ):
         super().__init__()
+        self.mixed = bool(mix)
         if mix:
             if any(f is not None for f in (train_files, val_files, test_files)) or source is not None:
                 raise ConfigError("data.mix gives each part its own source and files: leave data.source and data.*_files unset")
@@ -115,7 +116,7 @@ class ImageTextDataModule(L.LightningDataModule):
             if files is None:
                 continue
             if (name, split) not in self._shards:
-                key = f"data.mix.{name}.{split}_files" if name != "data" or len(self.parts) > 1 else f"data.{split}_files"
+                key = f"data.mix.{name}.{split}_files" if self.mixed else f"data.{split}_files"
                 try:
                     self._shards[(name, split)] = part.source.shards(files, split)
                 except (FileNotFoundError, KeyError) as e:

@@ -1,8 +1,8 @@
 """Data formats -> raw examples, read through Hugging Face `datasets`.
 
 A source knows one layout on disk and nothing else. ``shards(files, split)`` lists the units that can be
-read on their own — a tar, a parquet row group, a slice of a metadata table — as ``(file, part)`` pairs,
-and ``read(shard)`` yields that unit's raw examples::
+read on their own — a tar, a parquet row group, a slice of a metadata table — as `Shard`s, and
+``read(shard)`` yields that unit's raw examples::
 
     {"key": str, "image": bytes | None, "image_path": str (instead of bytes), "text": str | list[str] | None,
      "boxes": [[x1, y1, x2, y2], ...], "box_labels": [...], "bad": reason}
@@ -28,7 +28,6 @@ from datasets.packaged_modules.webdataset.webdataset import WebDataset as _HFWeb
 from datasets.utils.logging import disable_progress_bar
 
 disable_progress_bar()
-
 
 
 class Shard(NamedTuple):
@@ -349,16 +348,18 @@ class CocoKarpathy(_TableSource):
 class ImageFolder(_TableSource):
     """`datasets`' imagefolder layout: images beside a ``metadata.jsonl`` or ``metadata.csv`` whose
     ``file_name`` column is relative to it, plus a caption column; ``files`` are the metadata files.
-    Keys come from ``key_column`` when set, else the image's path relative to the metadata file."""
+    Keys come from ``key_column`` when set, else the image's path relative to the metadata file; boxes
+    (pixel xyxy) from ``boxes_column`` when set."""
 
-    def __init__(self, caption_column: str = "text", key_column: str | None = None, rows_per_shard: int = 1000,
-                 cache_dir: str | None = None):
+    def __init__(self, caption_column: str = "text", key_column: str | None = None, boxes_column: str | None = None,
+                 labels_column: str | None = None, rows_per_shard: int = 1000, cache_dir: str | None = None):
         super().__init__(rows_per_shard, cache_dir)
         self.caption_column, self.key_column = caption_column, key_column
+        self.boxes_column, self.labels_column = boxes_column, labels_column
 
     def _load(self, path: str, split: str) -> tuple:
         ds = load_dataset("imagefolder", data_files=[path], split="train", cache_dir=self.cache_dir)
-        for column in (self.caption_column, self.key_column):
+        for column in (self.caption_column, self.key_column, self.boxes_column, self.labels_column):
             if column and column not in ds.column_names:
                 raise KeyError(f"{path}: no column {column!r} (columns: {', '.join(ds.column_names)})")
         ds = ds.cast_column("image", Image(decode=False))
@@ -374,4 +375,7 @@ class ImageFolder(_TableSource):
                 out["image_path"] = path
             else:
                 out["image"] = None
+            if self.boxes_column and row[self.boxes_column] is not None:
+                out["boxes"] = row[self.boxes_column]
+                out["box_labels"] = row[self.labels_column] if self.labels_column else None
             yield out

@@ -16,7 +16,6 @@ shards when the count does not divide). That costs n reads of those shards, henc
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 import zlib
@@ -31,8 +30,6 @@ from vlm.data.collate import Batch
 from vlm.data.decode import BadSample, decode_image
 from vlm.data.sources import Shard, Source, read_bytes
 from vlm.data.transforms import to_boxes
-
-log = logging.getLogger(__name__)
 
 # first entries of the seeds of the stream's generators, so that no two of them coincide
 _SHARD_ORDER, _EXAMPLE_ORDER, _MIX, _CAPTION, _COLLATE = range(5)
