@@ -210,7 +210,7 @@ def bench_data(args) -> dict:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["format"], *(f"{r[f'workers_{w}']:.0f}" for w in (0, 1, 2)))
-    Console().print(table)
+    Console(width=120).print(table)
     table = Table(title=f"does the loader keep up? built-in data, 2 workers, bf16 step, {torch.get_num_threads()} threads")
     for col in ("model", "image", "step consumes/s", "loader/s", "loader / step", "fed / pre-made", "waiting"):
         table.add_column(col, justify="right")
@@ -219,7 +219,7 @@ def bench_data(args) -> dict:
         table.add_row(r["model"], r["image"], f"{r['consumes_per_s']:.1f}", f"{r['loader_2w_per_s']:.0f}",
                       f"{r['loader_over_consumption']:.1f}x", f"{r['fed_over_premade']:.2f}" if fed else "",
                       f"{100 * r['fed_wait_share']:.0f}%" if fed else "")
-    Console().print(table)
+    Console(width=120).print(table)
     return {"formats": rows, "models": models, "samples": n, "batch": batch, "image_tiny": tiny, "image_base": base}
 
 

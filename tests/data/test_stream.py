@@ -220,6 +220,24 @@ def test_order_depends_on_seed_only_through_the_generators(tokenizer, tmp_path):
     assert np.mean([x != y for x, y in zip(a, plain)]) > 0.5
 
 
+def test_main_process_loading_runs_on_one_thread_and_gives_the_threads_back(tokenizer, tmp_path, monkeypatch):
+    import torch
+
+    source, shards = web_shards(tmp_path, 12, 1)
+    s = make_stream(tokenizer, [(source, shards)], shuffle=False)
+    seen = []
+    transform = s.transform
+    s.transform = lambda *a: (seen.append(torch.get_num_threads()), transform(*a))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for batch in StreamLoader(s, None, num_workers=0):
+            assert torch.get_num_threads() == 2  # the step between batches has every thread
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+
+
 def _gather_positions(rank, world, port, out):
     import torch.distributed as dist
 
