@@ -107,3 +107,13 @@ def test_missing_files_and_conflicting_keys_are_config_errors(tmp_path):
         ImageTextDataModule(train_files="a", mix={"a": MixPart(WebDataset(), "a")})
     with pytest.raises(ConfigError, match="data.mix.a.weight must be positive"):
         ImageTextDataModule(mix={"a": MixPart(WebDataset(), "a", weight=0.0)})
+
+
+def test_a_run_on_missing_files_stops_at_start_naming_the_key(tmp_path):
+    from vlm.cli import quote_brace_ranges
+
+    overrides = ["data=webdataset", f"data.train_files={tmp_path}/train-{{00000..00003}}.tar",
+                 f"data.val_files={tmp_path}/val.tar", "logger=none"]
+    cfg = compose_config(quote_brace_ranges(overrides), output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.train_files: no such file: .*train-00000.tar \\(and 3 more\\)"):
+        build(cfg)
