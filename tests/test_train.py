@@ -131,3 +131,26 @@ def test_every_embedder_runs_end_to_end(embedder, data_dir, tmp_path, capsys):
     train(cfg)
     out = capsys.readouterr().out
     assert "val/itm_acc" in out and "skipped 0 samples" in out
+
+
+@pytest.mark.slow
+def test_cli_trains_on_img2dataset_shards_with_bad_samples(data_dir, tmp_path):
+    """The issue's command on small shards: 3% failed downloads, 10% broken images; skips printed and logged."""
+    from vlm.data import export
+
+    shards = tmp_path / "shards"
+    export.export("webdataset", shards, 96, 32, shards=2, failed=0.03, corrupt=0.10)
+    res = subprocess.run(
+        [sys.executable, "-m", "vlm.train", "data=webdataset", f"data.train_files={shards}/train-{{00000..00001}}.tar",
+         f"data.val_files={shards}/val-00000.tar", "model=vilt_tiny", "trainer=cpu", "trainer.max_steps=4",
+         "logger=csv", "data.batch_size=16", "data.image_size=64", "data.max_size=96", "trainer.log_every_n_steps=1",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("skipped"))
+    assert "corrupt_image=" in line and "train:" in line and "val:" in line
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    assert any(r.get("val/itm_acc") for r in rows)
+    assert any(r.get("data/skipped_corrupt_image") for r in rows)
+    assert (shards / "tokenizer").is_dir()  # trained on the training captions, beside the shards

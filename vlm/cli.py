@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -21,3 +22,19 @@ def compose_train(overrides: list[str] | None = None) -> DictConfig:
 def compose_model(preset: str, *overrides: str) -> DictConfig:
     """``model=<preset>`` as the training config would build it."""
     return compose_train([f"model={preset}", *overrides]).model
+
+
+_RANGE = re.compile(r"\{\d+\.\.\d+\}")
+
+
+def quote_brace_ranges(argv: list[str]) -> list[str]:
+    """Quote override values holding ``{00000..00099}`` shard ranges, which Hydra's grammar would reject,
+    so that ``"data.train_files=DIR/train-{00000..00099}.tar"`` works as written."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and _RANGE.search(value) and value[:1] not in "'\"":
+            quote = '"' if "'" in value else "'"
+            arg = f"{key}={quote}{value}{quote}"
+        out.append(arg)
+    return out

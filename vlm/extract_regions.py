@@ -74,7 +74,7 @@ def main() -> None:
     def items():
         for split in splits:
             t0, n = time.time(), 0
-            for item in extract(embedder, StreamLoader(dm.stream(split), None, num_workers=dm.num_workers), dtype):
+            for item in extract(embedder, StreamLoader(dm.stream(split, one_pass=True), None, num_workers=dm.num_workers), dtype):
                 n += 1
                 yield item
             print(f"extract_regions: {split}: {n} images in {time.time() - t0:.0f}s")

@@ -26,7 +26,10 @@ def print_metrics(metrics: dict, title: str = "final validation") -> None:
 
 
 def print_skipped(skipped: dict[str, Counter]) -> None:
-    """One line starting ``skipped``: every dropped sample, by split and reason."""
-    total = sum(sum(c.values()) for c in skipped.values())
-    parts = [f"{split}: " + ", ".join(f"{r}={n}" for r, n in sorted(c.items())) for split, c in skipped.items() if c]
-    print(f"skipped {total} samples" + (f" ({'; '.join(parts)})" if parts else ""))
+    """One line starting ``skipped``: every dropped sample (and unreadable shard), by split and reason.
+    Validation counts are those of the last validation pass; training counts are the whole run's."""
+    samples = sum(n for c in skipped.values() for r, n in c.items() if r != "unreadable_shard")
+    shards = sum(c.get("unreadable_shard", 0) for c in skipped.values())
+    parts = [f"{split}: " + ", ".join(f"{r}={n}" for r, n in sorted(c.items()) if n) for split, c in skipped.items() if +c]
+    head = f"skipped {samples} samples" + (f" and {shards} unreadable shards" if shards else "")
+    print(head + (f" ({'; '.join(parts)})" if parts else ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors reach `main`, which reports them on one line
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.callbacks import Throughput
+from vlm.cli import quote_brace_ranges
 from vlm.config import ConfigError, check, reported
 from vlm.report import print_metrics, print_skipped
 from vlm.tasks.retrieval import zero_shot_retrieval
@@ -61,7 +63,7 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, task, dm) -> dict[str, float]:
     """The end-of-run numbers: validation, the test split, zero-shot retrieval (as configured)."""
     metrics = dict(trainer.validate(task, datamodule=dm, verbose=False)[0])
     ev = cfg.get("evaluate") or {}
-    if ev.get("test") and dm.files.get("test"):
+    if ev.get("test") and dm.has_split("test"):
         metrics.update(trainer.test(task, datamodule=dm, verbose=False)[0])
     if ev.get("retrieval_pairs", 0) > 0:
         autocast = trainer.precision_plugin.forward_context()
@@ -116,6 +118,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    sys.argv = quote_brace_ranges(sys.argv)
     with reported("vlm.train"):
         _main()
 

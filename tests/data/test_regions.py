@@ -5,7 +5,7 @@ import torch
 from vlm.data.collate import Collator
 from vlm.data.decode import BadSample
 from vlm.data.regions import RegionFile, Regions, write_regions
-from vlm.data.sources import WebDatasetSource
+from vlm.data.sources import WebDataset
 from vlm.data.stream import ShardStream
 from vlm.data.tokenizer import load_tokenizer
 from vlm.data.transforms import build_transform
@@ -65,15 +65,16 @@ def test_unknown_suffix_and_missing_file(tmp_path):
 
 
 def test_stream_joins_regions_by_key_and_counts_samples_without(synthetic, tmp_path):
-    source = WebDatasetSource(synthetic.shards("val")[:1])
-    keys = [ex["key"] for ex in source.read_shard(0)]
+    source = WebDataset()
+    shards = source.shards(synthetic.shards("val")[:1], "val")
+    keys = [ex["key"] for ex in source.read(shards[0])]
     kept = keys[1::2]  # the last sample kept: skips after a stream's last batch have no batch to be counted on
     items = [(k, Regions(np.array([[0, 0, 32, 32], [8, 8, 16, 24]], np.float32), np.full((2, 4), i, np.float32), 64, 64))
              for i, k in enumerate(kept)]
     path = tmp_path / "r.npz"
     write_regions(path, iter(items))
     tokenizer = load_tokenizer(synthetic.root + "/tokenizer")
-    stream = ShardStream(source, build_transform(64, 96), Collator(tokenizer), batch_size=8, shuffle=False,
+    stream = ShardStream([(source, shards)], build_transform(64, 96), Collator(tokenizer), batch_size=8, shuffle=False,
                          regions=RegionFile(path))
     batches = list(stream)
     assert sum(b.skipped.get("no_regions", 0) for b in batches) == len(keys) - len(kept)

@@ -15,7 +15,7 @@ from vlm.models.objectives import IGNORE
 class Batch:
     """One batch. ``itm_index[i]`` is the image text i is shown in the ITM pass (label 1 iff it is i's own).
 
-    ``position`` = (stream, epoch, examples read by that stream) after this batch, for exact resume;
+    ``position`` = (stream, that stream's state after this batch), for exact resume (`vlm.data.stream`);
     ``skipped`` counts the samples the stream dropped since its previous batch, by reason.
     """
 
@@ -31,7 +31,7 @@ class Batch:
     boxes: list[Tensor] | None = None  # per image [K, 4] pixel xyxy in the transformed frame
     box_labels: list[Tensor] | None = None
     box_features: list[Tensor] | None = None  # per image [K, F] features of ``boxes``, from a region file
-    position: tuple[int, int, int] | None = None
+    position: tuple[int, dict] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -140,8 +140,8 @@ class Collator:
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
         )
-        if "boxes" in samples[0]:
-            batch.boxes = [torch.as_tensor(s["boxes"], dtype=torch.float32).reshape(-1, 4) for s in samples]
+        if any("boxes" in s for s in samples):  # a mixture may give boxes to some samples only: none is [0, 4]
+            batch.boxes = [torch.as_tensor(s.get("boxes", []), dtype=torch.float32).reshape(-1, 4) for s in samples]
             batch.box_labels = [torch.as_tensor(s.get("box_labels", []), dtype=torch.int64) for s in samples]
         if "box_features" in samples[0]:
             batch.box_features = [torch.as_tensor(s["box_features"]) for s in samples]

@@ -1,4 +1,5 @@
-"""`ImageTextDataModule`: streamed image-text pairs for pretraining, resumable mid-epoch."""
+"""`ImageTextDataModule`: streamed image-text pairs for pretraining, from one source or a weighted mixture,
+resumable mid-epoch; `LogSkipped` logs what it dropped."""
 
 from __future__ import annotations
 
@@ -6,32 +7,56 @@ from collections import Counter
 from pathlib import Path
 
 import lightning as L
+import torch
 
+from vlm.config import ConfigError
 from vlm.data.collate import Batch, Collator
+from vlm.data.decode import REASONS
 from vlm.data.regions import RegionFile
-from vlm.data.sources import WebDatasetSource
+from vlm.data.sources import Shard, Source, WebDataset, expand_files
 from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
 from vlm.data.synthetic import SyntheticData
 from vlm.data.tokenizer import load_tokenizer, train_wordpiece
 from vlm.data.transforms import build_transform
 
+SPLITS = ("train", "val", "test")
+
+
+class MixPart:
+    """One data set of a mixture: its layout, its files per split, and its probability weight in training
+    draws (weights are normalised; validation reads every part's val files in full).
+
+    (A plain class: Hydra would turn a dataclass inside the ``mix`` dict back into a structured config.)
+    """
+
+    def __init__(self, source: Source, train_files: str | list[str], val_files: str | list[str] | None = None,
+                 test_files: str | list[str] | None = None, weight: float = 1.0):
+        self.source, self.weight = source, weight
+        self.train_files, self.val_files, self.test_files = train_files, val_files, test_files
+
 
 class ImageTextDataModule(L.LightningDataModule):
-    """Webdataset shards -> `Batch`es with MLM masks and ITM negatives.
+    """Image-text files -> `Batch`es with MLM masks and ITM negatives.
 
-    ``batch_size`` is the global batch; ``micro_batch_size`` (default: global / devices) is what one
-    device sees per step, the rest is gradient accumulation (`accumulation`). ``tokenizer`` is a saved
-    tokenizer directory or a locally cached `transformers` name; unset, a WordPiece is trained on the
-    training captions and saved beside the shards. ``generate`` writes the data on first use.
+    Either ``train_files`` / ``val_files`` / ``test_files`` (globs and ``{00000..00099}`` ranges) in the layout
+    ``source`` reads (default: webdataset tars), or ``mix``: named `MixPart`s sampled by weight.
+    ``batch_size`` is the global batch; ``micro_batch_size`` (default: global / devices) is what one device
+    sees per step, the rest is gradient accumulation (`accumulation`). ``tokenizer`` is a saved tokenizer
+    directory or a locally cached `transformers` name; unset, a WordPiece is trained on the training captions
+    and saved beside the first training file. ``generate`` writes the built-in data on first use. Samples
+    with captions longer than ``max_caption_chars``, images with a side under ``min_image_side`` or an
+    aspect ratio above ``max_aspect`` are skipped and counted.
     ``region_features``: a region feature file (`vlm.data.regions`) whose boxes and features replace each
     sample's boxes (for ``box_source=precomputed``); samples it lacks are skipped and counted.
     """
 
     def __init__(
         self,
-        train_files: str | list[str],
-        val_files: str | list[str],
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
         test_files: str | list[str] | None = None,
+        source: Source | None = None,
+        mix: dict[str, MixPart] | None = None,
         tokenizer: str | None = None,
         batch_size: int = 64,
         micro_batch_size: int | None = None,
@@ -45,23 +70,38 @@ class ImageTextDataModule(L.LightningDataModule):
         augment: str = "none",
         shuffle: bool = True,
         seed: int = 0,
-        caption_key: str = "caption",
+        max_caption_chars: int = 2000,
+        min_image_side: int = 8,
+        max_aspect: float = 10.0,
         generate: SyntheticData | None = None,
         region_features: str | None = None,
     ):
         super().__init__()
-        self.files = {"train": train_files, "val": val_files, "test": test_files}
+        self.mixed = bool(mix)
+        if mix:
+            if any(f is not None for f in (train_files, val_files, test_files)) or source is not None:
+                raise ConfigError("data.mix gives each part its own source and files: leave data.source and data.*_files unset")
+            self.parts = {name: part for name, part in dict(mix).items()}
+            for name, part in self.parts.items():
+                if not part.weight > 0:
+                    raise ConfigError(f"data.mix.{name}.weight must be positive, got {part.weight}")
+        else:
+            if train_files is None:
+                raise ConfigError("data.train_files is not set (or give data.mix)")
+            self.parts = {"data": MixPart(source or WebDataset(), train_files, val_files, test_files)}
         self.tokenizer_path = tokenizer
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.device_batch_size = micro_batch_size or batch_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.image_size, self.max_size, self.size_divisor, self.augment = image_size, max_size, size_divisor, augment
         self.max_text_len, self.mlm_prob, self.itm_neg_fraction = max_text_len, mlm_prob, itm_neg_fraction
-        self.caption_key, self.generate = caption_key, generate
+        self.checks = {"max_caption_chars": max_caption_chars, "min_image_side": min_image_side, "max_aspect": max_aspect}
+        self.generate = generate
         self.region_features = region_features
         self.progress = StreamProgress()
         self.skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
         self._tokenizer = None
+        self._shards: dict[tuple[str, str], list[Shard]] = {}
 
     def accumulation(self, devices: int) -> int:
         """Fix the per-device batch for ``devices`` and return the gradient accumulation that keeps the global batch."""
@@ -73,20 +113,50 @@ class ImageTextDataModule(L.LightningDataModule):
         self.device_batch_size = micro
         return self.batch_size // (micro * devices)
 
-    def source(self, split: str) -> WebDatasetSource:
-        return WebDatasetSource(self.files[split], caption_key=self.caption_key)
+    def has_split(self, split: str) -> bool:
+        """Whether any part names files for ``split`` (the end-of-run test runs only where there is one)."""
+        return any(getattr(part, f"{split}_files") is not None for part in self.parts.values())
+
+    def sources(self, split: str) -> list[tuple[Source, list[Shard]]]:
+        """(source, shards) of every part that has files for ``split``."""
+        out = []
+        for name, part in self.parts.items():
+            files = getattr(part, f"{split}_files")
+            if files is None:
+                continue
+            if (name, split) not in self._shards:
+                key = f"data.mix.{name}.{split}_files" if self.mixed else f"data.{split}_files"
+                try:
+                    self._shards[(name, split)] = part.source.shards(files, split)
+                except (FileNotFoundError, KeyError) as e:
+                    raise ConfigError(f"{key}: {e.args[0] if e.args else e}") from None
+                if not self._shards[(name, split)]:
+                    raise ConfigError(f"{key}: {files!r} holds no samples")
+            out.append((part.source, self._shards[(name, split)]))
+        if not out:
+            raise ConfigError(f"data.{split}_files is not set")
+        return out
 
     def prepare_data(self) -> None:
         if self.generate is not None:
             self.generate.ensure()
         path = self._tokenizer_dir()
         if self.tokenizer_path is None and not path.exists():
-            train_wordpiece(self.source("train").texts(), path)
+            train_wordpiece(self._texts(), path)
+
+    def _texts(self, limit: int = 200_000):
+        parts = self.sources("train")
+        for source, shards in parts:
+            yield from source.texts(shards, limit // len(parts))
 
     def _tokenizer_dir(self) -> Path:
         if self.tokenizer_path is not None:
             return Path(self.tokenizer_path)
-        return Path(self.source("train").shards[0]).parent / "tokenizer"
+        first = next(iter(self.parts.values())).train_files
+        files = expand_files(first)
+        if not files:
+            raise ConfigError(f"no training file matches {first!r}")
+        return Path(files[0]).parent / "tokenizer"
 
     @property
     def tokenizer(self):
@@ -99,35 +169,39 @@ class ImageTextDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def stream(self, split: str) -> ShardStream:
-        train = split == "train"
+    def stream(self, split: str, one_pass: bool = False) -> ShardStream:
+        """The split's stream; training's is endless, shuffled, augmented and mixed by weight unless ``one_pass``
+        (one plain pass over every sample, as feature extraction wants)."""
+        train = split == "train" and not one_pass
+        parts = self.sources(split)
         collate = Collator(self.tokenizer, self.max_text_len, self.mlm_prob, self.itm_neg_fraction)
         transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none")
-        regions = RegionFile(self.region_features) if self.region_features else None
-        return ShardStream(
-            self.source(split), transform, collate, self.device_batch_size, seed=self.seed, shuffle=self.shuffle and train,
-            regions=regions,
-        )
+        weights = [p.weight for p in self.parts.values()] if train else None
+        return ShardStream(parts, transform, collate, self.device_batch_size, seed=self.seed,
+                           shuffle=self.shuffle and train, endless=train, weights=weights, **self.checks,
+                           regions=RegionFile(self.region_features) if self.region_features else None)
 
     def _loader(self, split: str, progress: StreamProgress | None = None) -> StreamLoader:
-        return StreamLoader(self.stream(split), progress, num_workers=self.num_workers, pin_memory=False)
+        on_start = None if progress is not None else self.skipped.setdefault(split, Counter()).clear
+        return StreamLoader(self.stream(split), progress, on_start, num_workers=self.num_workers, pin_memory=False)
 
     def train_dataloader(self) -> StreamLoader:
-        return self._loader("train", self.progress)
+        # overfitting repeats the same few batches each epoch: start from the beginning every time
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self._loader("train", None if overfit else self.progress)
 
     def val_dataloader(self) -> StreamLoader:
         return self._loader("val")
 
     def test_dataloader(self) -> StreamLoader:
-        if self.files["test"] is None:
-            raise ValueError("data.test_files is not set")
         return self._loader("test")
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         # called for each batch right before its step: what reaches here is consumed, prefetched batches are not
-        training = self.trainer is not None and self.trainer.training
-        self.skipped["train" if training else "val"].update(batch.skipped)
-        if training:
+        trainer = self.trainer
+        split = "train" if trainer is not None and trainer.training else ("test" if trainer is not None and trainer.testing else "val")
+        self.skipped.setdefault(split, Counter()).update(batch.skipped)
+        if split == "train":
             self.progress.consume(batch)
         return batch
 
@@ -137,3 +211,18 @@ class ImageTextDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self.progress.load_state_dict(state["progress"])
         self.skipped = {k: Counter(v) for k, v in state.get("skipped", {}).items()} or self.skipped
+
+
+class LogSkipped(L.Callback):
+    """Logs the training samples the data module skipped so far, as ``data/skipped_<reason>`` (summed over
+    ranks, every ``log_every_n_steps``), so a data problem shows on the run's dashboard as it happens."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        counts = getattr(trainer.datamodule, "skipped", {}).get("train") if trainer.datamodule is not None else None
+        if counts is None or (trainer.global_step % max(1, trainer.log_every_n_steps)):
+            return
+        local = torch.tensor([float(counts.get(r, 0)) for r in REASONS], device=pl_module.device)
+        total = trainer.strategy.reduce(local, reduce_op="sum").tolist()  # every rank, same step: a fixed vector
+        values = {f"data/skipped_{r}": v for r, v in zip(REASONS, total) if v}
+        if values:
+            pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)

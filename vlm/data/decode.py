@@ -11,25 +11,51 @@ from PIL import Image, ImageFile
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # far above any sane image, still a cap on decompression bombs
 
+# Every reason a sample (or a shard) is skipped; logged as data/skipped_<reason>. A fixed list, so that
+# every rank reduces the same vector of counts.
+REASONS = (
+    "failed_download",  # img2dataset left only KEY.json with a non-success status
+    "missing_image",  # no image field, or an image path that cannot be read
+    "empty_image",  # zero bytes
+    "corrupt_image",  # truncated or garbage bytes
+    "huge_image",  # more pixels than Image.MAX_IMAGE_PIXELS
+    "tiny_image",  # a side shorter than min_side
+    "extreme_aspect",  # longer side / shorter side above max_aspect
+    "missing_caption",
+    "empty_caption",
+    "long_caption",
+    "bad_json",  # KEY.json that does not parse to an object
+    "bad_boxes",  # boxes that are not [K, 4] numbers
+    "no_regions",  # the region feature file (box_source=precomputed) has no boxes for the key
+    "error",  # anything else a sample raised (warned once per process with the exception)
+    "unreadable_shard",  # a whole shard (tar, parquet file, metadata table) that cannot be read; counts shards
+)
+
 
 class BadSample(Exception):
-    """A sample to skip; ``reason`` is the short name it is counted under (``data/skipped_<reason>``)."""
+    """A sample to skip; ``reason`` (one of `REASONS`) is what it is counted under."""
 
     def __init__(self, reason: str, detail: str = ""):
+        if reason not in REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
 
 def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0) -> Image.Image:
     """Decode and convert to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit all converted, not dropped)."""
-    if not data:
-        raise BadSample("no_image")
+    if data is None:
+        raise BadSample("missing_image")
+    if len(data) == 0:
+        raise BadSample("empty_image")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("huge_image", str(e)) from None
     except Exception as e:  # PIL raises many types for broken bytes
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     w, h = img.size
@@ -43,12 +69,15 @@ def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale to 8 bits
+    if img.mode.startswith("I;16"):  # 16-bit greyscale: to 8 bits as PIL does for 16-bit RGB (x 255/65535)
+        a = np.asarray(img, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):  # 32-bit int / float greyscale has no fixed range: stretch to 8 bits
         a = np.asarray(img, dtype=np.float32)
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
         return Image.fromarray(a.astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

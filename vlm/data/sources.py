@@ -1,22 +1,42 @@
-"""Data formats -> streams of raw examples ``{key, image (bytes), text, boxes?, box_labels?}``.
+"""Data formats -> raw examples, read through Hugging Face `datasets`.
 
-Every format is read through Hugging Face `datasets` in streaming mode, one shard (file) at a time, so
-the order of shards and of examples inside them is ours to choose (see `ShardStream`). Images stay
-bytes here: decoding is ours (`vlm.data.decode`).
+A source knows one layout on disk and nothing else. ``shards(files, split)`` lists the units that can be
+read on their own — a tar, a parquet row group, a slice of a metadata table — as `Shard`s, and
+``read(shard)`` yields that unit's raw examples::
+
+    {"key": str, "image": bytes | None, "image_path": str (instead of bytes), "text": str | list[str] | None,
+     "boxes": [[x1, y1, x2, y2], ...], "box_labels": [...], "bad": reason}
+
+Which shards a worker reads and in which order is `ShardStream`'s business, and decoding is
+`vlm.data.decode`'s: a source never decodes an image, so one broken file costs one sample. A source marks
+what it can already tell is unusable (a failed download, a malformed json) with ``bad`` instead of raising.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from functools import cached_property
+from math import ceil
+from typing import Literal, NamedTuple
 
-from datasets import Features, Image, Json, Value, load_dataset
+from datasets import Features, Image, Value, load_dataset
+from datasets.packaged_modules.webdataset.webdataset import WebDataset as _HFWebDataset
 from datasets.utils.logging import disable_progress_bar
 
 disable_progress_bar()
+
+
+class Shard(NamedTuple):
+    """A unit read on its own: a tar, a parquet row group, a slice of a metadata table."""
+
+    file: str
+    part: int = 0  # row group or slice number
+    split: str = ""  # the split selected inside a split-tagged file (Karpathy's json)
+
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -39,11 +59,22 @@ def expand_files(spec: str | Sequence[str]) -> list[str]:
     return [f for f in out if not (f in seen or seen.add(f))]
 
 
-def iter_rows(dataset, chunk: int = 64) -> Iterator[dict]:
-    """Rows of a streaming dataset, read in this process whether or not it is a DataLoader worker.
+def existing_files(spec: str | Sequence[str]) -> list[str]:
+    """`expand_files`, or FileNotFoundError naming the first pattern or file that is not there."""
+    files = expand_files(spec)
+    if not files:
+        raise FileNotFoundError(f"no file matches {spec!r}")
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        raise FileNotFoundError(f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return files
 
-    (Plain iteration inside a worker makes `datasets` split the shards among workers again: with our
-    one-shard view, every worker but one would then read nothing.)
+
+def iter_rows(dataset, chunk: int = 64) -> Iterator[dict]:
+    """Rows of a `datasets` dataset, read in this process whether or not it is a DataLoader worker.
+
+    (Plain iteration of an `IterableDataset` inside a worker makes `datasets` split the shards among workers
+    again: with our one-shard view, every worker but one would then read nothing.)
     """
     for rows in dataset.iter(batch_size=chunk):
         names = list(rows)
@@ -51,60 +82,300 @@ def iter_rows(dataset, chunk: int = 64) -> Iterator[dict]:
             yield dict(zip(names, values))
 
 
-class WebDatasetSource:
+def read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class Source(ABC):
+    """One layout on disk: lists its shards and reads one shard's raw examples."""
+
+    @abstractmethod
+    def shards(self, files: str | Sequence[str], split: str) -> list[Shard]:
+        """The readable units of ``files``; ``split`` (train / val / test) matters to split-tagged layouts only."""
+
+    @abstractmethod
+    def read(self, shard: Shard) -> Iterator[dict]:
+        """Raw examples of one shard, in file order. Raises only when the shard as a whole cannot be read."""
+
+    def describe(self, shard: Shard) -> str:
+        return shard.file
+
+    def texts(self, shards: Sequence[Shard], limit: int = 200_000) -> Iterator[str]:
+        """Captions in shard order, for training a tokenizer."""
+        n = 0
+        for shard in shards:
+            for ex in self.read(shard):
+                text = ex.get("text")
+                for t in text if isinstance(text, list) else [text]:
+                    if isinstance(t, str) and t.strip():
+                        yield t
+                        n += 1
+                        if n >= limit:
+                            return
+
+
+class _TarShards(_HFWebDataset):
+    """`datasets`' webdataset builder with no field decoding: it json-decodes inside its own generator, where
+    one malformed ``KEY.json`` ends the whole shard. We decode the fields per sample instead."""
+
+    DECODERS = {}
+
+
+def _decode_text(data) -> str | None:
+    if data is None or isinstance(data, str):
+        return data
+    return bytes(data).decode("utf-8", errors="replace")
+
+
+class WebDataset(Source):
     """Tar shards of ``KEY.<image ext>`` + ``KEY.json`` (+ ``KEY.txt``), as img2dataset and vlm.data.synthetic write.
 
-    The caption is ``KEY.txt`` when present, else the ``caption_key`` field of ``KEY.json``; boxes (pixel
-    xyxy) and their labels come from ``boxes_key`` / ``labels_key`` of ``KEY.json`` when present.
+    The caption is ``KEY.<text_ext>`` when present, else the ``caption_key`` field of ``KEY.json``; boxes (pixel
+    xyxy) and their labels come from ``boxes_key`` / ``labels_key`` of ``KEY.json`` when present. A sample
+    with no image whose json ``status_key`` is not ``success`` is a failed download (img2dataset).
     """
 
     def __init__(
         self,
-        files: str | Sequence[str],
         caption_key: str = "caption",
+        text_ext: str = "txt",
         image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
         boxes_key: str = "boxes",
         labels_key: str = "labels",
+        status_key: str = "status",
     ):
-        self.files = expand_files(files)
-        missing = [f for f in self.files if not os.path.exists(f)]
-        if not self.files or missing:
-            raise FileNotFoundError(f"no shard at {missing[0] if missing else files!r}")
-        self.caption_key, self.image_exts = caption_key, tuple(image_exts)
-        self.boxes_key, self.labels_key = boxes_key, labels_key
-
-    @property
-    def shards(self) -> list[str]:
-        return self.files
-
-    @cached_property
-    def dataset(self):
-        features = {"__key__": Value("string"), "__url__": Value("string"), "json": Json(), "txt": Value("string")}
+        self.caption_key, self.text_ext, self.image_exts = caption_key, text_ext, tuple(image_exts)
+        self.boxes_key, self.labels_key, self.status_key = boxes_key, labels_key, status_key
+        features = {"__key__": Value("string"), "__url__": Value("string"), "json": Value("binary"), text_ext: Value("binary")}
         features.update({ext: Image(decode=False) for ext in self.image_exts})
-        return load_dataset(
-            "webdataset", data_files={"train": self.files}, split="train", streaming=True, features=Features(features)
-        )
+        self.features = Features(features)
 
-    def read_shard(self, index: int) -> Iterator[dict]:
-        for ex in iter_rows(self.dataset.shard(num_shards=len(self.files), index=index)):
-            meta = ex.get("json") or {}
+    def shards(self, files, split: str) -> list[Shard]:
+        return [Shard(f) for f in existing_files(files)]
+
+    def read(self, shard: Shard) -> Iterator[dict]:
+        builder = _TarShards(data_files={"train": [shard.file]}, features=self.features)
+        for ex in iter_rows(builder.as_streaming_dataset("train")):
+            key = ex["__key__"]
+            meta: dict = {}
+            if ex.get("json") is not None:
+                try:
+                    meta = json.loads(_decode_text(ex["json"]))
+                except ValueError:
+                    meta = None
+                if not isinstance(meta, dict):
+                    yield {"key": key, "bad": "bad_json"}
+                    continue
             image = next((ex[e] for e in self.image_exts if ex.get(e) is not None), None)
-            text = ex.get("txt")
-            if text is None:
-                text = meta.get(self.caption_key)
-            out = {"key": ex["__key__"], "image": image["bytes"] if image else None, "text": text, "meta": meta}
+            if image is None:
+                status = meta.get(self.status_key)
+                yield {"key": key, "bad": "failed_download" if status not in (None, "success") else "missing_image"}
+                continue
+            text = _decode_text(ex.get(self.text_ext))
+            out = {"key": key, "image": image["bytes"], "text": meta.get(self.caption_key) if text is None else text}
             if self.boxes_key in meta:
                 out["boxes"] = meta[self.boxes_key]
-                out["box_labels"] = meta.get(self.labels_key, [0] * len(meta[self.boxes_key]))
+                out["box_labels"] = meta.get(self.labels_key)
             yield out
 
-    def texts(self, limit: int = 200_000) -> Iterator[str]:
-        """Captions in file order, for training a tokenizer."""
-        n = 0
-        for i in range(len(self.files)):
-            for ex in self.read_shard(i):
-                if isinstance(ex["text"], str) and ex["text"]:
-                    yield ex["text"]
-                    n += 1
-                    if n >= limit:
-                        return
+
+class Parquet(Source):
+    """Parquet files with an image column and a caption column; every row group is a shard.
+
+    The image column may hold `datasets`' Image struct (``{bytes, path}``, what the Hub's parquet files
+    hold), raw bytes, or a path (relative to ``image_root``, default: the parquet file's folder). Keys come
+    from ``key_column`` when set, else ``<file stem>-<row group>-<row>``.
+    """
+
+    def __init__(
+        self,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        key_column: str | None = None,
+        image_root: str | None = None,
+        boxes_column: str | None = None,
+        labels_column: str | None = None,
+    ):
+        self.image_column, self.caption_column, self.key_column = image_column, caption_column, key_column
+        self.image_root, self.boxes_column, self.labels_column = image_root, boxes_column, labels_column
+
+    def shards(self, files, split: str) -> list[Shard]:
+        import pyarrow.parquet as pq
+
+        out: list[Shard] = []
+        for f in existing_files(files):
+            try:
+                meta = pq.ParquetFile(f)
+            except Exception:  # unreadable: kept as one shard, whose read fails and is counted then
+                out.append(Shard(f))
+                continue
+            names = meta.schema_arrow.names
+            missing = [c for c in self._columns() if c not in names]
+            if missing:  # a wrong key in the config, not a bad file: say so at start
+                raise KeyError(f"{f}: no column {missing[0]!r} (columns: {', '.join(names)})")
+            out += [Shard(f, g) for g in range(meta.num_row_groups)]
+        return out
+
+    def _columns(self) -> list[str]:
+        return [c for c in (self.image_column, self.caption_column, self.key_column, self.boxes_column,
+                            self.labels_column) if c]
+
+    def describe(self, shard: Shard) -> str:
+        return f"{shard.file} (row group {shard.part})"
+
+    def read(self, shard: Shard) -> Iterator[dict]:
+        path, group = shard.file, shard.part
+        columns = self._columns()
+        ds = load_dataset("parquet", data_files={"train": [path]}, split="train", streaming=True)
+        missing = [c for c in columns if c not in ds.features]
+        if missing:
+            raise KeyError(f"no column {missing[0]!r} (columns: {', '.join(ds.features)})")
+        ds = ds.select_columns(columns)
+        if isinstance(ds.features[self.image_column], Image):
+            ds = ds.cast_column(self.image_column, Image(decode=False))
+        ds = ds.reshard()
+        ds = ds.shard(num_shards=ds.num_shards, index=group)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        root = self.image_root or os.path.dirname(path)
+        for i, row in enumerate(iter_rows(ds)):
+            key = str(row[self.key_column]) if self.key_column else f"{stem}-{group}-{i}"
+            out = {"key": key, "text": row[self.caption_column]}
+            image = row[self.image_column]
+            if isinstance(image, dict):  # datasets' Image struct
+                image = image.get("bytes") or image.get("path")
+            if isinstance(image, str):
+                out["image_path"] = os.path.join(root, image)
+            else:
+                out["image"] = image
+            if self.boxes_column and row[self.boxes_column] is not None:
+                out["boxes"] = row[self.boxes_column]
+                out["box_labels"] = row[self.labels_column] if self.labels_column else None
+            yield out
+
+
+class _TableSource(Source):
+    """A metadata table loaded once into `datasets`' Arrow cache (memory-mapped, shared by all workers) and
+    cut into shards of ``rows_per_shard`` rows; images are read from their paths only when a sample is used."""
+
+    def __init__(self, rows_per_shard: int = 1000, cache_dir: str | None = None):
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.rows_per_shard, self.cache_dir = rows_per_shard, cache_dir
+        self._tables: dict[tuple[str, str], tuple] = {}
+
+    def __getstate__(self):  # workers open the (cached) tables themselves
+        return {**self.__dict__, "_tables": {}}
+
+    @abstractmethod
+    def _load(self, path: str, split: str) -> tuple:
+        """(dataset, its row indices that belong to ``split``) for one metadata file."""
+
+    def _table(self, path: str, split: str) -> tuple:
+        if (path, split) not in self._tables:
+            self._tables[(path, split)] = self._load(path, split)
+        return self._tables[(path, split)]
+
+    def shards(self, files, split: str) -> list[Shard]:
+        out: list[Shard] = []
+        for f in existing_files(files):
+            rows = self._table(f, split)[1]
+            out += [Shard(f, k, split) for k in range(ceil(len(rows) / self.rows_per_shard))]
+        return out
+
+    def describe(self, shard: Shard) -> str:
+        lo = shard.part * self.rows_per_shard
+        return f"{shard.file} (rows {lo}-{lo + self.rows_per_shard - 1})"
+
+    def rows(self, shard: Shard) -> Iterator[dict]:
+        ds, rows = self._table(shard.file, shard.split)
+        lo = shard.part * self.rows_per_shard
+        yield from iter_rows(ds.select(rows[lo : lo + self.rows_per_shard]))
+
+
+class CocoKarpathy(_TableSource):
+    """Karpathy's ``dataset_coco.json`` + the COCO image folders; ``files`` is the json.
+
+    ``per="caption"``: one sample per caption (key ``<cocoid>-<sentid>``); ``per="image"``: one sample per
+    image with all its captions (``text`` is the list; training draws one per epoch). ``splits`` maps the
+    data module's split to Karpathy's (train takes ``restval`` too, as usual: 113K images). Images are at
+    ``image_root/<filepath>/<filename>`` (``image_root`` defaults to the json's folder).
+    """
+
+    def __init__(
+        self,
+        image_root: str | None = None,
+        per: Literal["caption", "image"] = "caption",
+        splits: dict[str, list[str]] | None = None,
+        rows_per_shard: int = 500,
+        cache_dir: str | None = None,
+    ):
+        super().__init__(rows_per_shard, cache_dir)
+        if per not in ("caption", "image"):
+            raise ValueError(f"per must be 'caption' or 'image', got {per!r}")
+        self.image_root, self.per = image_root, per
+        splits = splits or {"train": ["train", "restval"], "val": ["val"], "test": ["test"]}
+        self.splits = {k: list(v) for k, v in splits.items()}
+
+    def _load(self, path: str, split: str) -> tuple:
+        if split not in self.splits:
+            raise KeyError(f"{path}: no Karpathy split given for {split!r} (splits: {self.splits})")
+        ds = load_dataset("json", data_files=path, field="images", split="train", cache_dir=self.cache_dir)
+        for column in ("filename", "split", "sentences"):
+            if column not in ds.column_names:
+                raise KeyError(f"{path}: images have no {column!r} field: not a Karpathy split file")
+        wanted = set(self.splits[split])
+        return ds, [i for i, s in enumerate(ds["split"]) if s in wanted]
+
+    def read(self, shard: Shard) -> Iterator[dict]:
+        root = self.image_root or os.path.dirname(shard.file)
+        for img in self.rows(shard):
+            image_id = str(img.get("cocoid") if img.get("cocoid") is not None else img.get("imgid"))
+            path = os.path.join(root, img.get("filepath") or "", img["filename"] or "")
+            sentences = img.get("sentences") or []
+            if self.per == "image":
+                yield {"key": image_id, "image_path": path, "text": [s.get("raw") for s in sentences] or None}
+            elif not sentences:
+                yield {"key": image_id, "bad": "missing_caption"}
+            else:
+                for s in sentences:
+                    yield {"key": f"{image_id}-{s.get('sentid')}", "image_path": path, "text": s.get("raw")}
+
+
+class ImageFolder(_TableSource):
+    """`datasets`' imagefolder layout: images beside a ``metadata.jsonl`` or ``metadata.csv`` whose
+    ``file_name`` column is relative to it, plus a caption column; ``files`` are the metadata files.
+    Keys come from ``key_column`` when set, else the image's path relative to the metadata file; boxes
+    (pixel xyxy) from ``boxes_column`` when set."""
+
+    def __init__(self, caption_column: str = "text", key_column: str | None = None, boxes_column: str | None = None,
+                 labels_column: str | None = None, rows_per_shard: int = 1000, cache_dir: str | None = None):
+        super().__init__(rows_per_shard, cache_dir)
+        self.caption_column, self.key_column = caption_column, key_column
+        self.boxes_column, self.labels_column = boxes_column, labels_column
+
+    def _load(self, path: str, split: str) -> tuple:
+        ds = load_dataset("imagefolder", data_files=[path], split="train", cache_dir=self.cache_dir)
+        for column in (self.caption_column, self.key_column, self.boxes_column, self.labels_column):
+            if column and column not in ds.column_names:
+                raise KeyError(f"{path}: no column {column!r} (columns: {', '.join(ds.column_names)})")
+        ds = ds.cast_column("image", Image(decode=False))
+        return ds, list(range(len(ds)))
+
+    def read(self, shard: Shard) -> Iterator[dict]:
+        folder = os.path.dirname(shard.file)
+        for row in self.rows(shard):
+            path = (row["image"] or {}).get("path")
+            key = str(row[self.key_column]) if self.key_column else os.path.relpath(path or "", folder)
+            out = {"key": key, "text": row[self.caption_column]}
+            if path:
+                out["image_path"] = path
+            else:
+                out["image"] = None
+            if self.boxes_column and row[self.boxes_column] is not None:
+                out["boxes"] = row[self.boxes_column]
+                out["box_labels"] = row[self.labels_column] if self.labels_column else None
+            yield out

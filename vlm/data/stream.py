@@ -1,19 +1,26 @@
-"""A resumable, shuffled stream of batches: the order is a function of (seed, epoch, position).
+"""A resumable, shuffled, mixed stream of batches: the order is a function of (seed, epoch, position).
 
-Per epoch the shards are permuted by a seed-derived generator, dealt out to the (rank, worker) streams,
-and each shard's examples are permuted by a generator of (seed, epoch, shard). A stream's whole state
-is therefore (epoch, examples it has read): saving that in the checkpoint and skipping that many
-examples on resume gives exactly the samples, in the same order, that the uninterrupted run sees.
-`datasets`' own shuffle buffer cannot be saved, which is why it is not used.
+Per epoch, each source's shards are permuted by a generator of (seed, source, epoch) and dealt out to the
+rank x worker streams, and each shard's examples are permuted by a generator of (seed, source, epoch,
+shard). When sources are mixed, the source of a stream's k-th draw comes from a generator of (seed,
+stream, k), with the mixture's probabilities (`interleave_datasets`' semantics; each source starts its
+next epoch on its own when it runs out). A stream's whole state is therefore its draw count and, per
+source, (epoch, shard number in its plan, examples taken from that shard): saved in the checkpoint, it
+restarts every stream exactly where the training step stopped consuming. `datasets`' own shuffle buffer
+cannot be saved, which is why it is not used.
+
+Shards that do not divide among the streams: whole shards are dealt as far as they go, and each of the
+rest is read by every stream, which keeps every n-th example (what `split_dataset_by_node` does for all
+shards when the count does not divide). That costs n reads of those shards, hence a warning.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,132 +28,314 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.data.collate import Batch
 from vlm.data.decode import BadSample, decode_image
+from vlm.data.sources import Shard, Source, read_bytes
 from vlm.data.transforms import to_boxes
 
-log = logging.getLogger(__name__)
+# first entries of the seeds of the stream's generators, so that no two of them coincide
+_SHARD_ORDER, _EXAMPLE_ORDER, _MIX, _CAPTION, _COLLATE = range(5)
+_MIX_BLOCK = 4096  # mixing choices drawn per generator
+
+
+class DataWarning(UserWarning):
+    """A data problem the run survives: an unreadable shard, an uneven shard layout, an unexpected sample error."""
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class ShardStream(IterableDataset):
-    """Yields whole `Batch`es (collated in the worker), each stamped with its stream position."""
+    """Yields whole `Batch`es (collated in the worker), each stamped with the position of its stream after it.
 
-    def __init__(self, source, transform, collate, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, max_text_chars: int = 2000, regions=None):
+    ``parts``: (source, its shards) per data set; ``weights``: their mixing probabilities (endless streams
+    only; a finite stream reads its parts one after the other). ``endless``: start the next epoch when one
+    ends (training; stop with ``trainer.max_steps``); otherwise one pass. ``regions``: a region feature file
+    whose boxes and features replace each sample's (``box_source=precomputed``).
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[tuple[Source, Sequence[Shard]]],
+        transform,
+        collate,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        endless: bool = False,
+        weights: Sequence[float] | None = None,
+        drop_last: bool = False,
+        max_caption_chars: int = 2000,
+        min_image_side: int = 8,
+        max_aspect: float = 10.0,
+        max_bad_run: int = 2000,
+        regions=None,
+    ):
         super().__init__()
-        self.source, self.transform, self.collate = source, transform, collate
+        self.parts = [(source, list(shards)) for source, shards in parts]
+        if not self.parts or not all(shards for _, shards in self.parts):
+            raise ValueError("every data source needs at least one shard")
+        self.transform, self.collate = transform, collate
+        self.batch_size, self.seed, self.shuffle, self.endless, self.drop_last = batch_size, seed, shuffle, endless, drop_last
+        w = np.ones(len(self.parts)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(w) != len(self.parts) or (w <= 0).any():
+            raise ValueError(f"mixing weights must be {len(self.parts)} positive numbers, got {list(weights or [])}")
+        self.probs = w / w.sum()
+        self.max_caption_chars, self.min_image_side, self.max_aspect = max_caption_chars, min_image_side, max_aspect
+        self.max_bad_run = max_bad_run
         self.regions = regions  # a vlm.data.regions.RegionFile: each sample's boxes and features come from it
-        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.max_text_chars = max_text_chars
-        # set in the main process before workers start (see StreamLoader)
-        self.epoch, self.starts, self.offset, self.rank, self.world = 0, {}, 0, 0, 1
+        # set in the main process before workers start (see StreamProgress.begin / StreamLoader)
+        self.starts: dict[int, dict] = {}
+        self.offset, self.rank, self.world = 0, 0, 1
+        self._warned_error = False
 
-    def plan(self, stream: int, streams: int, epoch: int) -> tuple[list[int], int | None]:
-        """Shards this stream reads this epoch, and the example stride when shards cannot be dealt out evenly."""
-        n = len(self.source.shards)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        if n % streams == 0:
-            return [int(s) for s in order[stream::streams]], None
-        return [int(s) for s in order], streams  # every stream reads every shard, keeps every streams-th example
+    # ---- order -------------------------------------------------------------------------------------------
 
-    def examples(self, stream: int, streams: int, epoch: int) -> Iterator[dict]:
-        shards, stride = self.plan(stream, streams, epoch)
-        seen = 0
-        for s in shards:
-            try:
-                rows = self.source.read_shard(s)
+    def plan(self, part: int, stream: int, streams: int, epoch: int) -> list[tuple[int, int | None]]:
+        """This stream's shards of ``part`` for ``epoch``: (shard index, None) for a whole shard, or (shard
+        index, r) for a shard every stream reads, of which this one keeps examples r, r + streams, ..."""
+        n = len(self.parts[part][1])
+        order = np.random.default_rng([self.seed, _SHARD_ORDER, part, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        whole = n - n % streams
+        own = [(int(s), None) for s in order[:whole][stream::streams]]
+        shared = [(int(s), (stream - r) % streams) for r, s in enumerate(order[whole:])]
+        return own + shared
+
+    def layout_warning(self, streams: int) -> str | None:
+        """Why the shard layout costs extra reading for ``streams`` streams, or None."""
+        notes = []
+        for source, shards in self.parts:
+            if len(shards) % streams:
+                notes.append(f"{len(shards)} shards of {type(source).__name__} ({source.describe(shards[0])}, ...)")
+        if not notes:
+            return None
+        return (f"{'; '.join(notes)} do not divide among {streams} streams (ranks x workers): the last "
+                f"shards are read by every stream, which keeps 1 in {streams} of their samples; write a multiple "
+                f"of {streams} shards")
+
+    def _part_examples(self, part: int, stream: int, streams: int, cursor: list[int]) -> Iterator[tuple[dict, list[int]]]:
+        """(raw example, cursor after it) of one part for one stream, from ``cursor`` = [epoch, plan step, offset]."""
+        source, shards = self.parts[part]
+        epoch, step, offset = cursor
+        while True:
+            fresh, seen = step == 0 and offset == 0, False
+            plan = self.plan(part, stream, streams, epoch)
+            for p in range(step, len(plan)):
+                shard, keep = plan[p]
+                start, offset = offset, 0  # only the first shard after a resume starts inside
+                try:
+                    rows = list(source.read(shards[shard]))
+                except Exception as e:  # an unreadable shard costs that shard, never the run
+                    warnings.warn(f"skipping unreadable shard {source.describe(shards[shard])}: {type(e).__name__}: {e}",
+                                  DataWarning, stacklevel=2)
+                    seen = True
+                    yield {"key": source.describe(shards[shard]), "bad": "unreadable_shard"}, [epoch, p + 1, 0]
+                    continue
                 if self.shuffle:
-                    rows = list(rows)
-                    perm = np.random.default_rng([self.seed, epoch, s]).permutation(len(rows))
+                    perm = np.random.default_rng([self.seed, _EXAMPLE_ORDER, part, epoch, shard]).permutation(len(rows))
                     rows = [rows[i] for i in perm]
-                for ex in rows:
-                    if stride is None or seen % stride == stream:
-                        yield ex
-                    seen += 1
-            except Exception as e:  # an unreadable shard costs that shard, never the run
-                warnings.warn(f"skipping unreadable shard {self.source.shards[s]}: {type(e).__name__}: {e}")
-                yield {"bad_shard": True}
+                if keep is not None:
+                    rows = rows[keep::streams]
+                for i in range(start, len(rows)):
+                    seen = True
+                    yield rows[i], ([epoch, p, i + 1] if i + 1 < len(rows) else [epoch, p + 1, 0])
+            if not self.endless:
+                return
+            if fresh and not seen:
+                raise RuntimeError(
+                    f"stream {stream} of {streams} gets no sample from the {len(shards)} shards of "
+                    f"{type(source).__name__} ({source.describe(shards[0])}, ...): fewer samples than ranks x workers?"
+                )
+            epoch, step = epoch + 1, 0
 
-    def prepare(self, ex: dict) -> dict:
-        """Raw example -> transformed sample, or BadSample."""
-        if ex.get("bad_shard"):
-            raise BadSample("unreadable_shard")
-        text = ex.get("text")
+    def _draws(self, stream: int, streams: int, state: dict) -> Iterator[tuple[dict, int]]:
+        """(raw example, epoch of its part), advancing ``state`` in place."""
+        cursors = state["cursors"]
+        its = [self._part_examples(j, stream, streams, cursors[j]) for j in range(len(self.parts))]
+        if len(its) == 1 or not self.endless:
+            for j, it in enumerate(its):
+                for ex, cursors[j] in it:
+                    state["draws"] += 1
+                    yield ex, cursors[j][0]
+            return
+        block, choices = -1, None
+        while True:
+            k = state["draws"]
+            if k // _MIX_BLOCK != block:
+                block = k // _MIX_BLOCK
+                rng = np.random.default_rng([self.seed, _MIX, stream, block])
+                choices = rng.choice(len(self.parts), size=_MIX_BLOCK, p=self.probs)
+            j = int(choices[k % _MIX_BLOCK])
+            ex, cursors[j] = next(its[j])
+            state["draws"] = k + 1
+            yield ex, cursors[j][0]
+
+    # ---- samples -----------------------------------------------------------------------------------------
+
+    def prepare(self, ex: dict, epoch: int = 0) -> dict:
+        """Raw example -> transformed sample; raises BadSample naming why not."""
+        try:
+            return self._prepare(ex, epoch)
+        except BadSample:
+            raise
+        except Exception as e:  # whatever else a sample does, it costs that sample only
+            if not self._warned_error:
+                warnings.warn(f"skipping sample {ex.get('key')!r}: {type(e).__name__}: {e} (counted as 'error')",
+                              DataWarning, stacklevel=2)
+                self._warned_error = True
+            raise BadSample("error", f"{type(e).__name__}: {e}") from None
+
+    def _caption(self, ex: dict, epoch: int) -> tuple[str, list[str] | None]:
+        text, key = ex.get("text"), str(ex.get("key"))
+        if isinstance(text, (list, tuple)):  # one sample per image with all its captions: draw one per epoch
+            usable = [t for t in text if isinstance(t, str) and t.strip() and len(t) <= self.max_caption_chars]
+            if not usable:
+                raise BadSample("missing_caption" if not text else "empty_caption")
+            pick = np.random.default_rng([self.seed, _CAPTION, epoch, zlib.crc32(key.encode())]).integers(len(usable))
+            return usable[int(pick)], usable
+        if text is None:
+            raise BadSample("missing_caption")
         if not isinstance(text, str) or not text.strip():
             raise BadSample("empty_caption")
-        if len(text) > self.max_text_chars:
-            raise BadSample("long_caption")
-        img = decode_image(ex.get("image"))
-        sample = {"key": ex["key"], "text": text}
-        if "boxes" in ex:
-            boxes = to_boxes(ex["boxes"], img.height, img.width)
+        if len(text) > self.max_caption_chars:
+            raise BadSample("long_caption", f"{len(text)} characters")
+        return text, None
+
+    def _prepare(self, ex: dict, epoch: int) -> dict:
+        if ex.get("bad"):
+            raise BadSample(ex["bad"])
+        text, captions = self._caption(ex, epoch)
+        data = read_bytes(ex["image_path"]) if "image_path" in ex else ex.get("image")
+        img = decode_image(data, self.min_image_side, self.max_aspect)
+        sample = {"key": str(ex["key"]), "text": text}
+        if captions is not None:
+            sample["captions"] = captions
+        if ex.get("boxes") is not None:
+            try:
+                boxes = to_boxes(ex["boxes"], img.height, img.width)
+                labels = ex.get("box_labels")
+                labels = torch.zeros(len(boxes), dtype=torch.int64) if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise BadSample("bad_boxes", str(e)) from None
+            if labels.shape != (len(boxes),):
+                raise BadSample("bad_boxes", f"{len(boxes)} boxes, labels of shape {tuple(labels.shape)}")
             sample["image"], boxes = self.transform(img, boxes)
-            sample["boxes"], sample["box_labels"] = boxes.as_subclass(torch.Tensor), ex["box_labels"]
+            sample["boxes"], sample["box_labels"] = boxes.as_subclass(torch.Tensor), labels
         else:
             sample["image"] = self.transform(img)
         if self.regions is not None:
             sample.update(self.regions.sample_fields(ex["key"], *sample["image"].shape[-2:]))
         return sample
 
+    # ---- batches -----------------------------------------------------------------------------------------
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         stream = self.rank * workers + (worker + self.offset) % workers
         streams = self.world * workers
-        start = self.starts.get(stream, 0)
-        pos, buf, skipped = 0, [], Counter()
-        for ex in self.examples(stream, streams, self.epoch):
-            pos += 1
-            if pos <= start:
-                continue
+        state = _copy(self.starts.get(stream)) or {"draws": 0, "cursors": [[0, 0, 0] for _ in self.parts]}
+        batches = self._batches(stream, streams, state)
+        threads = torch.get_num_threads()
+        if info is not None or threads == 1:  # a worker runs one thread already
+            yield from batches
+            return
+        # in the main process (num_workers=0), prepare batches on one thread as a worker does: torch's threads
+        # on small per-sample tensors cost more than they give (x4-6 slower on 2 busy cores); the step gets them back
+        while True:
+            torch.set_num_threads(1)
             try:
-                buf.append(self.prepare(ex))
+                batch = next(batches, None)
+            finally:
+                torch.set_num_threads(threads)
+            if batch is None:
+                return
+            yield batch
+
+    def _batches(self, stream: int, streams: int, state: dict) -> Iterator[Batch]:
+        buf, skipped, bad_run, pending = [], Counter(), 0, None
+        for ex, epoch in self._draws(stream, streams, state):
+            try:
+                sample = self.prepare(ex, epoch)
             except BadSample as e:
                 skipped[e.reason] += 1
+                bad_run += 1
+                if bad_run >= self.max_bad_run:
+                    raise RuntimeError(f"{bad_run} samples in a row were unusable ({dict(skipped)}): "
+                                       "do the data config's keys match the files?") from None
                 continue
+            bad_run = 0
+            if pending is not None:  # a finite stream holds one batch back to give it the skips after it
+                yield pending
+                pending = None
+            buf.append(sample)
             if len(buf) == self.batch_size:
-                yield self._batch(buf, stream, pos, skipped)
+                batch = self._batch(buf, stream, state, skipped)
                 buf, skipped = [], Counter()
-        if buf and not self.drop_last:
-            yield self._batch(buf, stream, pos, skipped)
+                if self.endless:
+                    yield batch
+                else:
+                    pending = batch
+        if pending is not None:  # nothing usable came after it: the trailing skips are its
+            pending.skipped = dict(Counter(pending.skipped) + skipped)
+            yield pending
+        elif buf and not self.drop_last:
+            yield self._batch(buf, stream, state, skipped)
 
-    def _batch(self, samples: list[dict], stream: int, pos: int, skipped: Counter) -> Batch:
-        batch = self.collate(samples, np.random.default_rng([self.seed, self.epoch, stream, pos]))
-        batch.position = (stream, self.epoch, pos)
+    def _batch(self, samples: list[dict], stream: int, state: dict, skipped: Counter) -> Batch:
+        batch = self.collate(samples, np.random.default_rng([self.seed, _COLLATE, stream, state["draws"]]))
+        batch.position = (stream, _copy(state))
         batch.skipped = dict(skipped)
         return batch
 
 
+def _copy(state: dict | None) -> dict | None:
+    return None if state is None else {"draws": state["draws"], "cursors": [list(c) for c in state["cursors"]]}
+
+
 class StreamProgress:
-    """What the training loop has consumed: the state saved in checkpoints."""
+    """What the training step has consumed: the position of each stream, and how many batches in all.
+
+    The DataLoader takes batches from its workers in turn, so after ``batches`` batches the next one comes
+    from worker ``batches % workers``; a resumed loader renumbers its workers to match.
+    """
 
     def __init__(self):
-        self.epoch, self.positions, self.batches, self.exhausted, self.workers = 0, {}, 0, False, None
+        self.positions: dict[int, dict] = {}
+        self.batches = 0
+        self.layout: dict | None = None
 
     def begin(self, stream: ShardStream, workers: int) -> None:
-        if self.exhausted:
-            self.epoch, self.positions, self.batches, self.exhausted = self.epoch + 1, {}, 0, False
-        if self.workers is not None and self.workers != workers and self.positions:
+        rank, world = distributed()
+        layout = {"world": world, "workers": workers, "shards": [len(shards) for _, shards in stream.parts]}
+        if self.positions and self.layout is not None and layout != self.layout:
             raise ValueError(
-                f"resuming with data.num_workers={workers}, but the checkpoint was written with {self.workers}: "
-                "the position of each stream only has a meaning for the same number of workers"
+                f"the checkpoint's data position was written with {self.layout}, this run has {layout} "
+                "(world size, data.num_workers, shards per source): a position only has a meaning for the same layout"
             )
-        self.workers = workers
-        stream.epoch, stream.starts, stream.offset = self.epoch, dict(self.positions), self.batches % workers
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stream.rank, stream.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.layout = layout
+        stream.rank, stream.world = rank, world
+        stream.starts, stream.offset = {k: _copy(v) for k, v in self.positions.items()}, self.batches % workers
 
     def consume(self, batch: Batch) -> None:
-        stream, epoch, pos = batch.position
-        if epoch == self.epoch:
-            self.positions[stream] = pos
-            self.batches += 1
+        stream, state = batch.position
+        self.positions[stream] = state
+        self.batches += 1
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "positions": dict(self.positions), "batches": self.batches, "workers": self.workers}
+        positions = dict(self.positions)
+        rank, world = distributed()
+        if world > 1:  # every rank saves a checkpoint's content, rank 0 writes it: gather all ranks' streams
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, positions)
+            positions = {k: v for part in gathered for k, v in part.items()}
+        return {"positions": {int(k): _copy(v) for k, v in positions.items()}, "batches": self.batches, "layout": self.layout}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches, self.workers = state["epoch"], state["batches"], state["workers"]
-        self.positions = {int(k): v for k, v in state["positions"].items()}
-        self.exhausted = False
+        self.positions = {int(k): _copy(v) for k, v in state["positions"].items()}
+        self.batches, self.layout = state["batches"], state["layout"]
 
 
 def _lower_priority(worker_id: int) -> None:
@@ -156,19 +345,26 @@ def _lower_priority(worker_id: int) -> None:
 
 
 class StreamLoader(DataLoader):
-    """A DataLoader over a `ShardStream` that starts each epoch where `progress` says."""
+    """A DataLoader over a `ShardStream`: training loaders start where ``progress`` says, evaluation loaders
+    from the start every time (calling ``on_start`` first, to reset per-pass counts)."""
 
-    def __init__(self, stream: ShardStream, progress: StreamProgress | None = None, **kwargs):
+    def __init__(self, stream: ShardStream, progress: StreamProgress | None = None, on_start=None, **kwargs):
         kwargs.setdefault("worker_init_fn", _lower_priority)
         super().__init__(stream, batch_size=None, **kwargs)
-        self.progress = progress
+        self.progress, self.on_start = progress, on_start
+        self._warned_layout = False
 
     def __iter__(self):
-        if self.progress is None:  # evaluation: always the same order from the start
-            return super().__iter__()
-        self.progress.begin(self.dataset, max(1, self.num_workers))
-        return self._tracked(super().__iter__())
-
-    def _tracked(self, it):
-        yield from it
-        self.progress.exhausted = True
+        workers = max(1, self.num_workers)
+        if self.progress is not None:
+            self.progress.begin(self.dataset, workers)
+        else:
+            self.dataset.rank, self.dataset.world = distributed()
+            self.dataset.starts, self.dataset.offset = {}, 0
+        note = self.dataset.layout_warning(self.dataset.world * workers)
+        if note and not self._warned_layout:
+            warnings.warn(note, DataWarning, stacklevel=2)
+            self._warned_layout = True
+        if self.on_start is not None:
+            self.on_start()
+        return super().__iter__()

@@ -1,0 +1,119 @@
+"""ImageTextDataModule inside Lightning: a run interrupted and resumed from its checkpoint consumes exactly the
+samples of an uninterrupted one (shuffled, 2 workers); every data config composes; skips are logged."""
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.utils import instantiate
+
+from tests.conftest import compose_config
+from vlm.config import ConfigError, check
+from vlm.data import export
+from vlm.train import build
+
+CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "data").glob("*.yaml") if p.stem != "base")
+
+
+class RecordKeys(L.Callback):
+    def __init__(self):
+        self.keys = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys.append(tuple(batch.keys))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    export.export("webdataset", root, 48, 16, shards=4, failed=0.03, corrupt=0.10)
+    return root
+
+
+def fit(shards, synthetic, out, max_steps, ckpt=None):
+    cfg = compose_config(
+        ["data=webdataset", f"data.train_files={shards}/train-*.tar", f"data.val_files={shards}/val-*.tar",
+         f"data.tokenizer={synthetic.root}/tokenizer", "data.batch_size=4", "data.num_workers=2", "data.image_size=32",
+         "data.max_size=64", "model=vilt_tiny", "trainer=cpu", f"trainer.max_steps={max_steps}",
+         "trainer.val_check_interval=5", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=csv",
+         f"ckpt_path={ckpt}" if ckpt else "ckpt_path=null"],
+        output_dir=str(out),
+    )
+    dm, task, trainer = build(cfg)
+    record = RecordKeys()
+    trainer.callbacks.append(record)
+    trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    return record.keys, dm
+
+
+def test_interrupted_and_resumed_run_consumes_the_same_samples(shards, synthetic, tmp_path):
+    usable = sum(export.damage(f"train-{i:07d}", 0, 0.03, 0.10) is None for i in range(48))
+    total = 12  # batches of 4: the run crosses an epoch boundary
+    assert total * 4 > usable
+    full, dm_full = fit(shards, synthetic, tmp_path / "full", total)
+    first, _ = fit(shards, synthetic, tmp_path / "a", 5)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    rest, dm = fit(shards, synthetic, tmp_path / "b", total, ckpt)
+    assert len(full) == total and len(first) == 5 and first + rest == full
+    assert dm.skipped["train"] == dm_full.skipped["train"] and sum(dm.skipped["train"].values()) > 0
+    assert len({k for ks in full for k in ks}) == usable  # every usable sample in the first epoch, then the next
+    rows = list(csv.DictReader(open(tmp_path / "full" / "csv" / "metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if k.startswith("data/skipped_") and v}
+    assert logged and logged <= {f"data/skipped_{r}" for r in dm_full.skipped["train"]}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_data_config_composes_and_checks(name, tmp_path):
+    overrides = [f"data={name}", f"paths.data_dir={tmp_path}"]
+    if name not in ("synthetic", "mix"):
+        overrides += ["data.train_files=x", "data.val_files=x"]
+    if name == "mix":
+        overrides += ["data.mix.web.train_files=x", "data.mix.coco.train_files=y"]
+    cfg = compose_config(overrides, output_dir=str(tmp_path))
+    check(cfg, derived=frozenset({"model.vocab_size"}))
+    assert cfg.data._target_ == "vlm.data.datamodule.ImageTextDataModule"
+
+
+def test_mix_config_draws_from_both_parts(synthetic, tmp_path):
+    web = export.export("webdataset", tmp_path / "web", 24, 8, shards=2)
+    coco = export.export("coco_karpathy", tmp_path / "coco", 6, 2)
+    cfg = compose_config(
+        ["data=mix", f"data.mix.web.train_files={web['train'][0].replace('00000', '*')}",
+         f"data.mix.coco.train_files={coco['train']}", f"data.mix.coco.source.cache_dir={tmp_path / 'cache'}",
+         "data.mix.web.weight=1", "data.mix.coco.weight=1", f"data.tokenizer={synthetic.root}/tokenizer",
+         "data.batch_size=8", "data.num_workers=0", "data.image_size=32", "data.max_size=64"],
+        output_dir=str(tmp_path),
+    )
+    dm = instantiate(cfg.data)
+    it = iter(dm.train_dataloader())
+    got = Counter("web" if k.startswith("train-") else "coco" for _ in range(6) for k in next(it).keys)
+    assert got["web"] > 10 and got["coco"] > 10
+    val = [k for b in dm.val_dataloader() for k in b.keys]
+    assert len(val) == 2 * 5  # only coco has val files: 2 images x 5 captions
+
+
+def test_missing_files_and_conflicting_keys_are_config_errors(tmp_path):
+    from vlm.data.datamodule import ImageTextDataModule, MixPart
+    from vlm.data.sources import WebDataset
+
+    dm = ImageTextDataModule(train_files=f"{tmp_path}/none-*.tar", val_files=f"{tmp_path}/none-*.tar")
+    with pytest.raises(ConfigError, match="data.train_files: no file matches"):
+        dm.sources("train")
+    with pytest.raises(ConfigError, match="data.train_files is not set"):
+        ImageTextDataModule()
+    with pytest.raises(ConfigError, match="leave data.source and data.\\*_files unset"):
+        ImageTextDataModule(train_files="a", mix={"a": MixPart(WebDataset(), "a")})
+    with pytest.raises(ConfigError, match="data.mix.a.weight must be positive"):
+        ImageTextDataModule(mix={"a": MixPart(WebDataset(), "a", weight=0.0)})
+
+
+def test_a_run_on_missing_files_stops_at_start_naming_the_key(tmp_path):
+    from vlm.cli import quote_brace_ranges
+
+    overrides = ["data=webdataset", f"data.train_files={tmp_path}/train-{{00000..00003}}.tar",
+                 f"data.val_files={tmp_path}/val.tar", "logger=none"]
+    cfg = compose_config(quote_brace_ranges(overrides), output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.train_files: no such file: .*train-00000.tar \\(and 3 more\\)"):
+        build(cfg)
