@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlm.callbacks import Throughput
 from vlm.cli import quote_brace_ranges
 from vlm.config import ConfigError, check, reported
+from vlm.data.stream import StreamLoader
 from vlm.report import print_metrics, print_skipped
 from vlm.tasks.retrieval import zero_shot_retrieval
 
@@ -71,13 +72,18 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, task, dm) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def summary_of(task, trainer: L.Trainer) -> dict[str, float]:
-    """Cost figures that sit beside the metrics in W&B's summary and in results.json."""
+def summary_of(task, trainer: L.Trainer, dm) -> dict[str, float]:
+    """Cost figures that sit beside the metrics in W&B's summary and in results.json: parameters, the
+    embedder's forward GFLOPs per image (counted on the first validation batch) and training throughput."""
     model = getattr(task, "model", task)  # a detection task has no ViLT: count all of it
     out = {"params/model": float(sum(p.numel() for p in model.parameters()))}
     embedder = getattr(model, "embedder", None)
     if embedder is not None:
         out["params/embedder"] = float(sum(p.numel() for p in embedder.parameters()))
+        batch = next(iter(StreamLoader(dm.stream("val", one_pass=True), None, num_workers=0))).to(next(embedder.parameters()).device)
+        was_training = embedder.training
+        out["cost/gflops_per_image"] = embedder.eval().cost(batch.images, batch.pixel_mask, batch.boxes, batch.box_features)["gflops"]
+        embedder.train(was_training)
     for cb in trainer.callbacks:
         if isinstance(cb, Throughput):
             out.update(cb.summary())
@@ -91,7 +97,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         metrics = evaluate(cfg, trainer, task, dm)
-        summary = summary_of(task, trainer)
+        summary = summary_of(task, trainer, dm)
         print_metrics(metrics)
         print_skipped(dm.skipped)
         for lg in trainer.loggers:
