@@ -67,7 +67,7 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, task, dm) -> dict[str, float]:
     if ev.get("test") and dm.has_split("test"):
         metrics.update(trainer.test(task, datamodule=dm, verbose=False)[0])
     if ev.get("retrieval_pairs", 0) > 0:
-        autocast = trainer.precision_plugin.forward_context()
+        autocast = trainer.precision_plugin.forward_context  # entered anew for every chunk of pairs
         metrics.update(zero_shot_retrieval(task, dm.val_dataloader(), ev.retrieval_pairs, autocast=autocast))
     return {k: float(v) for k, v in metrics.items()}
 

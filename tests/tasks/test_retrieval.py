@@ -33,3 +33,24 @@ def test_score_pairs_matches_one_pass_per_pair():
             out = model(ids[t : t + 1], attn[t : t + 1], images[i : i + 1], pixel_mask[i : i + 1])
             logit = task.itm_score(out.pooler_output)[0]
             torch.testing.assert_close(scores[i, t], logit[1] - logit[0], atol=1e-5, rtol=1e-4)
+
+
+def test_score_pairs_enters_a_fresh_precision_context_per_chunk():
+    """The trainer's forward_context is a one-shot context manager: every chunk needs a new one."""
+    from contextlib import contextmanager
+
+    entered = []
+
+    @contextmanager
+    def forward_context():
+        entered.append(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+
+    model = ViLT(PatchEmbedder(32, patch_size=8, image_size=32, max_tokens=-1), vocab_size=40, hidden_size=32,
+                 num_layers=2, num_heads=4, dropout=0.0)
+    task = PretrainLitModule(model).eval()
+    images, pixel_mask = torch.randn(3, 3, 16, 24), torch.ones(3, 16, 24, dtype=torch.bool)
+    ids, attn = torch.randint(5, 40, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    scores = score_pairs(task, model.embedder(images, pixel_mask), ids, attn, chunk=5, autocast=forward_context)
+    assert len(entered) == 3 and scores.shape == (3, 4) and torch.isfinite(scores).all()  # 12 pairs, chunks of 5

@@ -36,7 +36,8 @@ def collect(task, loader, n_pairs: int) -> tuple[VisualTokens, Tensor, Tensor]:
         batch = batch.to(task.device)
         take = min(len(batch), n_pairs - seen)
         visual = task.model.embedder(batch.images[:take], batch.pixel_mask[:take],
-                                     batch.boxes[:take] if batch.boxes is not None else None)
+                                     batch.boxes[:take] if batch.boxes is not None else None,
+                                     batch.box_features[:take] if batch.box_features is not None else None)
         embeds.append(visual.embeds.float())
         masks.append(visual.mask)
         if visual.boxes is not None:
@@ -53,13 +54,14 @@ def collect(task, loader, n_pairs: int) -> tuple[VisualTokens, Tensor, Tensor]:
 
 @torch.no_grad()
 def score_pairs(task, visual: VisualTokens, ids: Tensor, attn: Tensor, chunk: int = 512, autocast=None) -> Tensor:
-    """[n_images, n_texts] ITM log-odds of a match."""
+    """[n_images, n_texts] ITM log-odds of a match. ``autocast``: a function giving a fresh precision context
+    (entered once per chunk of pairs), e.g. the trainer's ``precision_plugin.forward_context``."""
     n_img, n_txt = visual.embeds.shape[0], ids.shape[0]
     scores = torch.empty(n_img, n_txt)
     pairs = torch.cartesian_prod(torch.arange(n_img), torch.arange(n_txt))
     for start in range(0, len(pairs), chunk):
         i, t = pairs[start : start + chunk].T.to(ids.device)
-        with autocast or nullcontext():
+        with autocast() if autocast is not None else nullcontext():
             out = task.model(ids[t], attn[t], visual=visual.select(i))
             logits = task.itm_score(out.pooler_output).float()
         scores[i.cpu(), t.cpu()] = (logits[:, 1] - logits[:, 0]).cpu()
