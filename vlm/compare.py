@@ -123,12 +123,13 @@ def aggregate(runs: list[Run]) -> dict[str, dict]:
 def write_markdown(table: dict[str, dict], runs: list[Run], out: Path, source: str) -> None:
     metric_cols = [(k, t) for k, t in METRICS if any(k in row for row in table.values())]
     cost_cols = [(k, t, f) for k, t, f in COST if any(k in row for row in table.values())]
-    lines = [f"# Results: {source}", "", "Mean ± std over the complete runs of each row (n = how many).", ""]
+    lines = [f"# Results: {source}", "", "Mean ± sample standard deviation over the complete runs of each row (n = how many); cost columns: means.", ""]
     head = ["label", "n"] + [t for _, t in metric_cols] + [t for _, t, _ in cost_cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in table.items():
         cells = [label, str(row["n"])]
-        cells += [f"{row[k][0]:.3f} ± {row[k][1]:.3f}" if k in row else "" for k, _ in metric_cols]
+        cells += [("" if k not in row else f"{row[k][0]:.3f} ± {row[k][1]:.3f}" if row["n"] > 1 else f"{row[k][0]:.3f}")
+                  for k, _ in metric_cols]
         cells += [f(row[k][0]) if k in row else "" for k, _, f in cost_cols]
         lines.append("| " + " | ".join(cells) + " |")
     excluded = [r for r in runs if r.status != "complete"]
