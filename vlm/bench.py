@@ -1,12 +1,14 @@
 """python -m vlm.bench [step] [model] [embedders] [data] [wpa] [threads] [--out DIR]: speed reports, printed as a table and written as JSON.
 
-Benchmarks compare side by side in one process (ratios), since machines are noisy; they never assert.
+Benchmarks compare side by side in one process (ratios), since machines are noisy; they never assert. They
+compute in bf16 autocast where this CPU does so natively and in fp32 where it does not (vlm/precision.py); bf16
+columns are left out on a CPU without native bf16, where they would take ~100x longer.
 
     step   training-step throughput of the model presets, fp32 against bf16 autocast, on synthetic batches
     model  our ViLT-B/32 against transformers' ViltModel with the same weights: forward, forward + backward
     wpa    the cost of word-patch alignment: batched IPOT against a loop over examples, and a vilt_tiny
            training step with WPA against the same step without it
-    threads  a vilt_tiny training step (ITM + MLM + WPA, bf16) with 1 intra-op thread against all of them,
+    threads  a vilt_tiny training step (ITM + MLM + WPA) with 1 intra-op thread against all of them,
            alternated: on a shared, loaded CPU the threads can spend the step waiting for each other
     embedders  patch, grid and region embedders side by side: parameters, GFLOPs, time alone and in a training step
     data   loader throughput per data format with 0, 1, 2 workers, beside the training step's consumption
@@ -25,6 +27,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from vlm.precision import autocast, cpu_has_fast_bf16, fast_cpu_precision
+
+PRECISIONS = ("fp32", "bf16") if cpu_has_fast_bf16() else ("fp32",)  # compared where both are worth timing
+FAST = fast_cpu_precision()  # what the single-precision benches compute in
 
 
 def synthetic_batch(batch: int, text_len: int, height: int, width: int, vocab: int):
@@ -53,7 +60,7 @@ def time_steps(task, batch, precision: str, repeats: int) -> list[float]:
     times = []
     for i in range(repeats + 1):  # the first step warms up and is not counted
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision):
             loss = task.compute(batch)["loss"]
         loss.backward()
         opt.step()
@@ -76,18 +83,23 @@ def bench_step(args) -> dict:
         task = PretrainLitModule(model).train()
         data = synthetic_batch(batch, 40 if preset == "vilt_base" else 30, h, w, vocab)
         result = {"model": preset, "batch": batch, "image": f"{h}x{w}"}
-        for precision in ("fp32", "bf16"):
+        for precision in PRECISIONS:
             med = statistics.median(time_steps(task, data, precision, args.repeats or 5))
             result[f"{precision}_ms"] = med * 1e3
             result[f"{precision}_samples_per_s"] = batch / med
-        result["bf16_speedup"] = result["fp32_ms"] / result["bf16_ms"]
+        if "bf16" in PRECISIONS:
+            result["bf16_speedup"] = result["fp32_ms"] / result["bf16_ms"]
         rows.append(result)
-    table = Table(title=f"training step (ITM + MLM passes, AdamW), {torch.get_num_threads()} threads")
-    for col in ("model", "batch", "image", "fp32 ms", "bf16 ms", "bf16 speed-up", "bf16 samples/s"):
+    table = Table(title=f"training step (ITM + MLM passes, AdamW), {torch.get_num_threads()} threads",
+                  caption=None if "bf16" in PRECISIONS else "bf16 not timed: this CPU has no native bf16")
+    cols = {"fp32 ms": lambda r: f"{r['fp32_ms']:.0f}", "fp32 samples/s": lambda r: f"{r['fp32_samples_per_s']:.1f}"}
+    if "bf16" in PRECISIONS:
+        cols |= {"bf16 ms": lambda r: f"{r['bf16_ms']:.0f}", "bf16 speed-up": lambda r: f"{r['bf16_speedup']:.2f}x",
+                 "bf16 samples/s": lambda r: f"{r['bf16_samples_per_s']:.1f}"}
+    for col in ("model", "batch", "image", *cols):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["model"], str(r["batch"]), r["image"], f"{r['fp32_ms']:.0f}", f"{r['bf16_ms']:.0f}",
-                      f"{r['bf16_speedup']:.2f}x", f"{r['bf16_samples_per_s']:.1f}")
+        table.add_row(r["model"], str(r["batch"]), r["image"], *(f(r) for f in cols.values()))
     Console().print(table)
     return {"rows": rows}
 
@@ -135,7 +147,7 @@ def bench_model(args) -> dict:
 
     def call(model, x, precision: str):
         ids, attn, images, pixel_mask = x
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision):
             if model is hf:
                 out = hf(input_ids=ids, attention_mask=attn, pixel_values=images, pixel_mask=pixel_mask)
             else:
@@ -173,13 +185,13 @@ def bench_model(args) -> dict:
                     call(hf.eval(), inputs(1), "fp32")
         flops[backward] = counter.get_total_flops()
         hf.zero_grad(set_to_none=True)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in PRECISIONS}
 
     repeats = args.repeats or 3
     rows = []
     for i, batch in enumerate(args.batches):
         x = inputs(batch)
-        for precision in ("fp32", "bf16"):
+        for precision in PRECISIONS:
             for backward in (False, True):
                 warm = 1 if i == 0 else 0  # first use of each path; later batch sizes reuse its kernels
                 n_timed = repeats if i == 0 else max(1, repeats // 2)
@@ -203,8 +215,10 @@ def bench_model(args) -> dict:
                 print(f"  batch {batch} {precision} {rows[-1]['pass']}: {rows[-1]['speedup']:.2f}x", flush=True)
     table = Table(title=f"ViLT-B/32, {text_len} tokens + {height}x{width} image (240 patches): ours against "
                         f"transformers' ViltModel, same weights, {torch.get_num_threads()} threads",
-                  caption=f"matmul peak measured in this run: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-                          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; outputs agree to {agreement:.0e} (fp32)")
+                  caption="matmul peak measured in this run: "
+                          + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items())
+                          + f"; outputs agree to {agreement:.0e} (fp32)"
+                          + ("" if "bf16" in PRECISIONS else "; bf16 not timed: this CPU has no native bf16"))
     for col in ("batch", "precision", "pass", "transformers ms", "ours ms", "speed-up", "GFLOP",
                 "transformers % peak", "ours % peak"):
         table.add_column(col, justify="right")
@@ -250,7 +264,7 @@ def bench_wpa(args) -> dict:
 
     def step(w):
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(FAST):
                 loss = tasks[w].compute(batch)["loss"]
             loss.backward()
             opts[w].step()
@@ -266,7 +280,7 @@ def bench_wpa(args) -> dict:
         table.add_column(col, justify="right")
     table.add_row("IPOT, 64 pairs, 50 iterations", "batched", f"{ipot_ms['batched']:.1f}", "per example",
                   f"{ipot_ms['per example']:.1f}", f"{ipot_ms['per example'] / ipot_ms['batched']:.1f}x")
-    table.add_row("vilt_tiny training step, bf16", "ITM + MLM", f"{step_ms['ITM + MLM']:.0f}", "+ WPA",
+    table.add_row(f"vilt_tiny training step, {FAST}", "ITM + MLM", f"{step_ms['ITM + MLM']:.0f}", "+ WPA",
                   f"{step_ms['ITM + MLM + WPA']:.0f}", f"{step_ms['ITM + MLM + WPA'] / step_ms['ITM + MLM']:.2f}x")
     Console().print(table)
     return {"ipot_ms": ipot_ms, "step_ms": step_ms,
@@ -304,7 +318,7 @@ def bench_threads(args) -> dict:
     def step(n):
         def run():
             torch.set_num_threads(n)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(FAST):
                 loss = task.compute(batch)["loss"]
             loss.backward()
             opt.step()
@@ -381,7 +395,7 @@ def bench_embedders(args) -> dict:
         task = instantiate(cfg.task, model=model)
         emb = model.embedder
         cost = emb.cost(batch.images, batch.pixel_mask, batch.boxes)
-        with FlopCounterMode(display=False) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        with FlopCounterMode(display=False) as counter, autocast(FAST):
             task.compute(batch)["loss"].backward()
         task.zero_grad(set_to_none=True)
         tokens = emb.eval()(batch.images, batch.pixel_mask, batch.boxes).mask.sum(1).float().mean().item()
@@ -391,24 +405,21 @@ def bench_embedders(args) -> dict:
                                "gflops": cost["gflops"], "tokens": tokens,
                                "step_gflops": counter.get_total_flops() / n / 1e9}}
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-
     def forward(c):
         c["emb"].eval()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(FAST):
             c["emb"](batch.images, batch.pixel_mask, batch.boxes)
 
     def forward_backward(c):
         c["emb"].train()
-        with autocast():
+        with autocast(FAST):
             out = c["emb"](batch.images, batch.pixel_mask, batch.boxes)
         out.embeds.float().sum().backward()
         c["emb"].zero_grad(set_to_none=True)
 
     def step(c):
         c["task"].train()
-        with autocast():
+        with autocast(FAST):
             loss = c["task"].compute(batch)["loss"]
         loss.backward()
         c["opt"].step()
@@ -431,7 +442,7 @@ def bench_embedders(args) -> dict:
         for key in ("gflops", "step_gflops", "fwd_ms", "fwd_bwd_ms", "step_ms"):
             row[f"{key}_x_patch"] = row[key] / ref[key]
     h, w = batch.images.shape[2:]
-    title = (f"visual embedders at the data's resolution ({n} scenes, padded to {h}x{w}), bf16 autocast, "
+    title = (f"visual embedders at the data's resolution ({n} scenes, padded to {h}x{w}), {FAST}, "
              f"{torch.get_num_threads()} threads; x = ratio to patch")
     table = Table(title=title)
     for col in ("embedder", "params M (trainable)", "tokens / img", "GFLOPs / img", "fwd ms / img",
@@ -496,7 +507,7 @@ def loader_rate(fixture, workers: int, batches: int, batch: int, size: tuple[int
 
 
 def train_rate(task, batches, steps: int) -> tuple[float, float]:
-    """Training samples/s (bf16 autocast, AdamW) over ``steps`` batches from the iterator ``batches``, and the
+    """Training samples/s (``FAST`` precision, AdamW) over ``steps`` batches from the iterator ``batches``, and the
     share of that time spent waiting for the next batch."""
     opt = torch.optim.AdamW(task.parameters(), lr=1e-5)
     n, t0, waited = 0, 0.0, 0.0
@@ -505,7 +516,7 @@ def train_rate(task, batches, steps: int) -> tuple[float, float]:
         data = next(batches)
         if i:
             waited += time.perf_counter() - t
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(FAST):
             loss = task.compute(data)["loss"]
         loss.backward()
         opt.step()
@@ -520,7 +531,7 @@ def train_rate(task, batches, steps: int) -> tuple[float, float]:
 
 def bench_data(args) -> dict:
     """Loader samples/s per layout (the same scenes in each) and worker count; then, for each model preset,
-    the bf16 step's consumption beside the 2-worker loader at that preset's image size (measured in turn,
+    the training step's consumption beside the 2-worker loader at that preset's image size (measured in turn,
     twice), and for vilt_tiny the training loop itself fed by the loader over the same loop on one
     pre-made batch, with the share of its time spent waiting for a batch."""
     import itertools
@@ -550,7 +561,7 @@ def bench_data(args) -> dict:
             for _ in range(2):  # loader and step measured in turn; medians of each
                 load.append(loader_rate(fixtures["synthetic"], 2, batches, batch, size))
                 repeats = (args.repeats or 5) if preset == "vilt_tiny" else 1  # vilt_base: many seconds a step on a CPU
-                consume.append(step_batch / statistics.median(time_steps(task, data, "bf16", repeats)))
+                consume.append(step_batch / statistics.median(time_steps(task, data, FAST, repeats)))
             row = {"model": preset, "image": f"{size[0]}/{size[1]}", "step_batch": step_batch,
                    "consumes_per_s": statistics.median(consume), "loader_2w_per_s": statistics.median(load)}
             row["loader_over_consumption"] = row["loader_2w_per_s"] / row["consumes_per_s"]
@@ -574,7 +585,7 @@ def bench_data(args) -> dict:
     for r in rows:
         table.add_row(r["format"], *(f"{r[f'workers_{w}']:.0f}" for w in (0, 1, 2)))
     Console(width=120).print(table)
-    table = Table(title=f"does the loader keep up? built-in data, 2 workers, bf16 step, {torch.get_num_threads()} threads")
+    table = Table(title=f"does the loader keep up? built-in data, 2 workers, {FAST} step, {torch.get_num_threads()} threads")
     for col in ("model", "image", "step consumes/s", "loader/s", "loader / step", "fed / pre-made", "waiting"):
         table.add_column(col, justify="right")
     for r in models:

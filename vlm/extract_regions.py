@@ -23,6 +23,7 @@ from vlm.config import check, reported
 from vlm.data.regions import Regions, write_regions
 from vlm.data.stream import StreamLoader
 from vlm.models.embedders.region import RegionEmbedder
+from vlm.precision import fast_cpu_precision
 
 
 def load_embedder_state(embedder: torch.nn.Module, path: str) -> None:
@@ -51,7 +52,8 @@ def main() -> None:
     p.add_argument("--splits", default="train,val", help="comma-separated: train, val, test")
     p.add_argument("--ckpt", help="a vlm.train checkpoint whose model.embedder weights to use (a trained trunk)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 where this CPU computes bf16 natively, else fp32")
     p.add_argument("overrides", nargs="*", help="training-config overrides, e.g. model.embedder.detector.weights=...")
     args = p.parse_args()
     splits = args.splits.split(",")
@@ -69,7 +71,8 @@ def main() -> None:
     if args.ckpt:
         load_embedder_state(embedder, args.ckpt)
     embedder.eval()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    precision = fast_cpu_precision() if args.precision == "auto" else args.precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def items():
         for split in splits:

@@ -20,6 +20,7 @@ from vlm.callbacks import Throughput
 from vlm.cli import quote_brace_ranges
 from vlm.config import ConfigError, check, reported
 from vlm.data.stream import StreamLoader
+from vlm.precision import resolve as resolve_precision
 from vlm.report import print_metrics, print_skipped
 from vlm.tasks.retrieval import zero_shot_retrieval
 
@@ -51,9 +52,13 @@ def build(cfg: DictConfig):
     every = cfg.trainer.get("val_check_interval")
     if isinstance(every, int):  # the config counts optimiser steps, Lightning counts micro-batches
         every *= accumulate
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator"))
+    if cfg.trainer.get("precision") == "auto":
+        print(f"precision: auto -> {precision}" + ("" if precision.startswith("bf16") else
+              " (this CPU has no native bf16, where bf16 autocast runs ~100x slower than fp32)"))
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, accumulate_grad_batches=accumulate,
-        val_check_interval=every,
+        val_check_interval=every, precision=precision,
     )
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -103,7 +108,7 @@ def train(cfg: DictConfig) -> float | None:
         for lg in trainer.loggers:
             lg.log_metrics({**metrics, **summary}, step=trainer.global_step)
         history = next((cb.history for cb in trainer.callbacks if isinstance(cb, Throughput)), [])
-        results.update(status="complete", steps=trainer.global_step, metrics=metrics, summary=summary,
+        results.update(status="complete", steps=trainer.global_step, precision=str(trainer.precision), metrics=metrics, summary=summary,
                        history=history, skipped={k: dict(v) for k, v in dm.skipped.items()})
     finally:
         out_dir.mkdir(parents=True, exist_ok=True)
