@@ -35,6 +35,10 @@ def devices_of(trainer_cfg: DictConfig) -> int:
 
 def build(cfg: DictConfig):
     """Data module, task (model inside), trainer: everything a run needs, from the config."""
+    if cfg.trainer.get("precision") == "auto":  # resolved here, so the logged config says what ran
+        cfg.trainer.precision = resolve_precision("auto", cfg.trainer.get("accelerator"))
+        print(f"precision: auto -> {cfg.trainer.precision}" + ("" if cfg.trainer.precision.startswith("bf16") else
+              " (this CPU has no native bf16, where bf16 autocast runs ~100x slower than fp32)"))
     check(cfg, derived=frozenset({"model.vocab_size"}))
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
@@ -52,13 +56,9 @@ def build(cfg: DictConfig):
     every = cfg.trainer.get("val_check_interval")
     if isinstance(every, int):  # the config counts optimiser steps, Lightning counts micro-batches
         every *= accumulate
-    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator"))
-    if cfg.trainer.get("precision") == "auto":
-        print(f"precision: auto -> {precision}" + ("" if precision.startswith("bf16") else
-              " (this CPU has no native bf16, where bf16 autocast runs ~100x slower than fp32)"))
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, accumulate_grad_batches=accumulate,
-        val_check_interval=every, precision=precision,
+        val_check_interval=every,
     )
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
