@@ -27,3 +27,14 @@ def test_autocast_context():
         assert (x @ x).dtype == torch.bfloat16
     with precision.autocast("fp32"):
         assert (x @ x).dtype == torch.float32
+
+
+def test_the_cpu_trainer_config_resolves_to_what_is_fast_here():
+    import lightning as L
+
+    from vlm.cli import compose_train
+
+    cfg = compose_train(["trainer=cpu"])
+    assert cfg.trainer.precision == precision.resolve("auto", "cpu")
+    trainer = L.Trainer(accelerator="cpu", precision=cfg.trainer.precision, logger=False, enable_checkpointing=False)
+    assert str(trainer.precision) == cfg.trainer.precision

@@ -20,7 +20,7 @@ from vlm.callbacks import Throughput
 from vlm.cli import quote_brace_ranges
 from vlm.config import ConfigError, check, reported
 from vlm.data.stream import StreamLoader
-from vlm.precision import resolve as resolve_precision
+from vlm.precision import cpu_has_fast_bf16
 from vlm.report import print_metrics, print_skipped
 from vlm.tasks.retrieval import zero_shot_retrieval
 
@@ -35,10 +35,9 @@ def devices_of(trainer_cfg: DictConfig) -> int:
 
 def build(cfg: DictConfig):
     """Data module, task (model inside), trainer: everything a run needs, from the config."""
-    if cfg.trainer.get("precision") == "auto":  # resolved here, so the logged config says what ran
-        cfg.trainer.precision = resolve_precision("auto", cfg.trainer.get("accelerator"))
-        print(f"precision: auto -> {cfg.trainer.precision}" + ("" if cfg.trainer.precision.startswith("bf16") else
-              " (this CPU has no native bf16, where bf16 autocast runs ~100x slower than fp32)"))
+    if cfg.trainer.get("accelerator") == "cpu" and str(cfg.trainer.get("precision")).startswith("32") \
+            and not cpu_has_fast_bf16():
+        print(f"precision: {cfg.trainer.precision} (this CPU has no native bf16, where bf16 runs ~100x slower)")
     check(cfg, derived=frozenset({"model.vocab_size"}))
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
