@@ -2,8 +2,7 @@
 
 from omegaconf import OmegaConf
 
-from vlm.precision import resolve as _resolve_precision
+from vlm.precision import resolve
 
 # `${precision:auto}` in a config: bf16-mixed where it is fast here, else 32-true (vlm/precision.py)
-OmegaConf.register_new_resolver("precision", lambda p="auto", accelerator="cpu": _resolve_precision(p, accelerator),
-                                replace=True)
+OmegaConf.register_new_resolver("precision", resolve, replace=True)

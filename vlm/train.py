@@ -107,8 +107,9 @@ def train(cfg: DictConfig) -> float | None:
         for lg in trainer.loggers:
             lg.log_metrics({**metrics, **summary}, step=trainer.global_step)
         history = next((cb.history for cb in trainer.callbacks if isinstance(cb, Throughput)), [])
-        results.update(status="complete", steps=trainer.global_step, precision=str(trainer.precision), metrics=metrics, summary=summary,
-                       history=history, skipped={k: dict(v) for k, v in dm.skipped.items()})
+        results.update(status="complete", steps=trainer.global_step, precision=str(trainer.precision),
+                       metrics=metrics, summary=summary, history=history,
+                       skipped={k: dict(v) for k, v in dm.skipped.items()})
     finally:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / "results.json.tmp"
