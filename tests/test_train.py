@@ -37,8 +37,9 @@ def test_experiment_fast_dev_run(experiment, data_dir, tmp_path):
 
 
 def test_short_run_logs_csv_metrics_and_resumes(data_dir, tmp_path):
-    """A real (short) run writes metrics.csv with validation metrics and a checkpoint it can resume from."""
-    common = ["logger=csv", f"paths.data_dir={data_dir}", *SMALL_DATA, "trainer.val_check_interval=4",
+    """A real (short) run writes metrics.csv with validation metrics and a checkpoint it can resume from
+    (and a callback set to null is left out)."""
+    common = ["logger=csv", "callbacks.progress_bar=null", f"paths.data_dir={data_dir}", *SMALL_DATA, "trainer.val_check_interval=4",
               "data.batch_size=16", "data.num_workers=0", "trainer.log_every_n_steps=1"]
     cfg = compose_config([*common, "trainer.max_steps=4"], output_dir=str(tmp_path / "a"))
     train(cfg)

@@ -48,8 +48,9 @@ def build(cfg: DictConfig):
     text = {"vocab_size": cfg.model.vocab_size or dm.vocab_size} if "vocab_size" in cfg.model else {}  # not a detector
     model = instantiate(cfg.model, **text)
     task = instantiate(cfg.task, model=model)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # an entry set to null is switched off: callbacks.progress_bar=null, logger.csv=null
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not loggers:  # nothing to report learning rates to (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     every = cfg.trainer.get("val_check_interval")
