@@ -17,6 +17,7 @@ columns are left out on a CPU without native bf16, where they would take ~100x l
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -136,6 +137,12 @@ def bench_model(args) -> dict:
     ours = instantiate(compose_model("vilt_base", "model.dropout=0.0", "model.layer_norm_eps=1e-12",
                                      "model.embedder.max_tokens=-1"))
     hf = to_hf_vilt(ours)
+    contestants = {"transformers": hf, "ours": ours}
+    if args.compile:  # the same weights, each block through torch.compile (what model.compile=true does)
+        compiled = copy.deepcopy(ours)
+        for block in compiled.blocks:
+            block.compile()
+        contestants["ours compiled"] = compiled
     text_len, height, width = 40, 384, 640
     vocab = ours.text_embeddings.word_embeddings.num_embeddings
 
@@ -193,12 +200,13 @@ def bench_model(args) -> dict:
         x = inputs(batch)
         for precision in PRECISIONS:
             for backward in (False, True):
-                warm = 1 if i == 0 else 0  # first use of each path; later batch sizes reuse its kernels
+                # first use of each path (later batch sizes reuse its kernels; a compiled model recompiles)
+                warm = 1 if i == 0 or args.compile else 0
                 n_timed = repeats if i == 0 else max(1, repeats // 2)
-                times: dict[str, list[float]] = {"transformers": [], "ours": []}
+                times: dict[str, list[float]] = {name: [] for name in contestants}
                 for r in range(warm + n_timed):
-                    pair = [("transformers", hf), ("ours", ours)]
-                    for name, model in pair if r % 2 == 0 else pair[::-1]:
+                    order = list(contestants.items())
+                    for name, model in order if r % 2 == 0 else order[::-1]:
                         t = step(model, x, precision, backward)
                         if r >= warm:
                             times[name].append(t)
@@ -212,20 +220,32 @@ def bench_model(args) -> dict:
                     "ours_peak_frac": work / med["ours"] / peaks[precision],
                     "repeats": n_timed, "times_s": times,
                 })
-                print(f"  batch {batch} {precision} {rows[-1]['pass']}: {rows[-1]['speedup']:.2f}x", flush=True)
+                if "ours compiled" in med:
+                    rows[-1].update(compiled_ms=med["ours compiled"] * 1e3,
+                                    compiled_speedup=med["transformers"] / med["ours compiled"],
+                                    compiled_peak_frac=work / med["ours compiled"] / peaks[precision])
+                print(f"  batch {batch} {precision} {rows[-1]['pass']}: {rows[-1]['speedup']:.2f}x"
+                      + (f", compiled {rows[-1]['compiled_speedup']:.2f}x" if "compiled_speedup" in rows[-1] else ""),
+                      flush=True)
     table = Table(title=f"ViLT-B/32, {text_len} tokens + {height}x{width} image (240 patches): ours against "
                         f"transformers' ViltModel, same weights, {torch.get_num_threads()} threads",
                   caption="matmul peak measured in this run: "
                           + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items())
                           + f"; outputs agree to {agreement:.0e} (fp32)"
                           + ("" if "bf16" in PRECISIONS else "; bf16 not timed: this CPU has no native bf16"))
-    for col in ("batch", "precision", "pass", "transformers ms", "ours ms", "speed-up", "GFLOP",
-                "transformers % peak", "ours % peak"):
+    compiled = "ours compiled" in contestants
+    cols = ["batch", "precision", "pass", "transformers ms", "ours ms", "speed-up"]
+    cols += ["compiled ms", "compiled speed-up"] if compiled else []
+    cols += ["GFLOP", "transformers % peak", "ours % peak"] + (["compiled % peak"] if compiled else [])
+    for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), r["precision"], r["pass"], f"{r['transformers_ms']:.0f}", f"{r['ours_ms']:.0f}",
-                      f"{r['speedup']:.2f}x", f"{r['gflop']:.0f}", f"{100 * r['transformers_peak_frac']:.0f}%",
-                      f"{100 * r['ours_peak_frac']:.0f}%")
+        cells = [str(r["batch"]), r["precision"], r["pass"], f"{r['transformers_ms']:.0f}", f"{r['ours_ms']:.0f}",
+                 f"{r['speedup']:.2f}x"]
+        cells += [f"{r['compiled_ms']:.0f}", f"{r['compiled_speedup']:.2f}x"] if compiled else []
+        cells += [f"{r['gflop']:.0f}", f"{100 * r['transformers_peak_frac']:.0f}%", f"{100 * r['ours_peak_frac']:.0f}%"]
+        cells += [f"{100 * r['compiled_peak_frac']:.0f}%"] if compiled else []
+        table.add_row(*cells)
     Console(width=max(Console().width, 120)).print(table)
     return {"rows": rows, "matmul_peak_flops": peaks, "flops_per_example": {"forward": flops[False],
             "forward+backward": flops[True]}, "max_relative_difference_fp32": agreement,
@@ -609,6 +629,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="embedders: images per timed batch")
     p.add_argument("--detector-weights", help="embedders: the region detector's weights (a task=detection checkpoint)")
     p.add_argument("--data-samples", type=int, default=512, help="scenes per format in the data benchmark")
+    p.add_argument("--compile", action="store_true",
+                   help="model: also time ours with model.compile=true (torch.compile per block; compiling takes minutes)")
     p.add_argument("--out", default="bench", help="folder for <bench>.json")
     args = p.parse_args()
     out = Path(args.out)

@@ -67,3 +67,28 @@ def test_vilt_base_has_the_parameters_of_transformers_vilt():
     assert n_ours == n_hf
     assert round(n_ours / 1e6, 1) == 111.6
     assert ours.text_embeddings.word_embeddings.weight.numel() == 30522 * 768  # 23.4 M
+
+
+def test_compiled_blocks_compute_what_eager_blocks_do():
+    """model.compile=true changes the kernels, not the function, the gradients or the parameter names."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    eager = tiny(dropout=0.0)
+    torch.manual_seed(0)
+    compiled = tiny(dropout=0.0, compile=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    ids = torch.randint(5, 50, (2, 7))
+    attn = torch.ones(2, 7, dtype=torch.long)
+    attn[1, 5:] = 0  # padded: the blocks take a mask
+    images, pixel_mask = torch.randn(2, 3, 24, 40), torch.ones(2, 24, 40, dtype=torch.bool)
+    outs = []
+    for model in (eager, compiled):
+        out = model(ids, attn, images, pixel_mask)
+        (out.last_hidden_state.square().mean() + out.pooler_output.sum()).backward()
+        outs.append((out.last_hidden_state, model.blocks[0].attn.qkv.weight.grad))
+    (h, g), (hc, gc) = outs
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, the one graph shared by both blocks
+    torch.testing.assert_close(hc, h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gc, g, rtol=1e-4, atol=1e-6)

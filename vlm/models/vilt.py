@@ -109,6 +109,11 @@ class ViLT(nn.Module):
     ``.ckpt``, a timm ViT state dict). Its architecture must match this one; a ViT fills the transformer and
     the patch projection only, its position table resized to this grid. Task heads found in the same file
     are loaded by the task.
+
+    ``compile``: run each transformer block through ``torch.compile`` (one graph, shared by every block;
+    the embedder stays eager, its token sampling is data-dependent). It fuses what lies between the
+    matmuls (LayerNorm, GELU, softmax, casts); parameter names and checkpoints are unchanged. The first
+    steps, and each new kind of batch shape, pay for compilation.
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class ViLT(nn.Module):
         qkv_bias: bool = True,
         num_modality_types: int = 2,
         init_from: str | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         if embedder.hidden_size != hidden_size:
@@ -144,6 +150,9 @@ class ViLT(nn.Module):
             )
             for _ in range(num_layers)
         )
+        if compile:
+            for block in self.blocks:
+                block.compile()
         self.norm = norm(hidden_size)
         self.pooler = Pooler(hidden_size)
         for child in self.children():  # the embedder initialises itself (and may hold loaded weights)
