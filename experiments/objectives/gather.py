@@ -4,7 +4,8 @@
 
 Reads each job's resolved config (.hydra/config.yaml: objectives, seed) and csv/metrics.csv (the last
 logged value of each val/ metric, i.e. the validation after the last step); prints markdown tables and
-writes results.json and curves.png (validation metrics against steps, one line per job) to --out.
+writes results.json and curves.png (validation metrics against steps, one line per job) to --out, and a
+copy of each finished job's config.yaml and metrics.csv under --out/runs/<arm>-s<seed>/ (the evidence).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import csv
 import json
 import math
+import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -106,9 +109,14 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        keep = out / "runs" / f"{re.sub(r'[^A-Za-z0-9.]+', '-', r['arm']).lower()}-s{r['seed']}"
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(r["job"]) / ".hydra" / "config.yaml", keep / "config.yaml")
+        shutil.copy(Path(r["job"]) / "csv" / "metrics.csv", keep / "metrics.csv")
     (out / "results.json").write_text(json.dumps({"arms": summary, "jobs": results}, indent=1))
     plot(arms, out / "curves.png")
-    print(f"\nwrote {out / 'results.json'} and {out / 'curves.png'}")
+    print(f"\nwrote {out / 'results.json'}, {out / 'curves.png'} and {len(results)} runs under {out / 'runs'}")
 
 
 def plot(arms: dict[str, list[dict]], path: Path) -> None:
