@@ -4,8 +4,8 @@
 
 Reads each job's resolved config (.hydra/config.yaml: objectives, seed) and csv/metrics.csv (the last
 logged value of each val/ metric, i.e. the validation after the last step); prints markdown tables and
-writes results.json and curves.png (validation metrics against steps, one line per job) to --out, and a
-copy of each finished job's config.yaml and metrics.csv under --out/runs/<arm>-s<seed>/ (the evidence).
+writes to --out: RESULTS.md (those tables), results.json, curves.png (validation metrics against steps,
+one line per job), and a copy of each finished job's config.yaml and metrics.csv under runs/<arm>-s<seed>/.
 """
 
 from __future__ import annotations
@@ -70,30 +70,36 @@ def main() -> None:
     for r in results:
         arms.setdefault(r["arm"], []).append(r)
 
-    print("| objectives (weights) | seeds | val/itm_acc | val/mlm_acc | test/itm_acc (compositional) | val/wpa_pos | val/wpa_neg | wpa_neg − wpa_pos |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text)
+        lines.append(text)
+
+    say("| objectives (weights) | seeds | val/itm_acc | val/mlm_acc | test/itm_acc (compositional) | val/wpa_pos | val/wpa_neg | wpa_neg − wpa_pos |")
+    say("|---|---|---|---|---|---|---|---|")
     summary = {}
     for arm, rs in arms.items():
         col = {m: [r["final"][m] for r in rs if m in r["final"]] for m in METRICS}
         gap = [r["final"]["val/wpa_neg"] - r["final"]["val/wpa_pos"] for r in rs if "val/wpa_pos" in r["final"]]
         summary[arm] = {"seeds": sorted(r["seed"] for r in rs), **{m: col[m] for m in METRICS}, "wpa_gap": gap}
         cells = [mean_std(col[m]) for m in METRICS] + [mean_std(gap)]
-        print(f"| {arm} | {len(rs)} | " + " | ".join(cells) + " |")
+        say(f"| {arm} | {len(rs)} | " + " | ".join(cells) + " |")
 
-    print("\nPer seed (final validation):\n")
-    print("| objectives | seed | " + " | ".join(METRICS) + " |")
-    print("|---|---|" + "---|" * len(METRICS))
+    say("\nPer seed (final validation):\n")
+    say("| objectives | seed | " + " | ".join(METRICS) + " |")
+    say("|---|---|" + "---|" * len(METRICS))
     for arm, rs in arms.items():
         for r in sorted(rs, key=lambda r: r["seed"]):
             cells = [f"{r['final'][m]:.4f}" if m in r["final"] else "–" for m in METRICS]
-            print(f"| {arm} | {r['seed']} | " + " | ".join(cells) + " |")
+            say(f"| {arm} | {r['seed']} | " + " | ".join(cells) + " |")
 
     # paired by seed (same initialisation and data order): the effect of leaving one objective out
     full = next((a for a in arms if a.count("+") == 2), None)
     if full:
-        print(f"\nPaired by seed, ({full}) minus each other arm:\n")
-        print("| other arm | Δ val/itm_acc | Δ val/mlm_acc |")
-        print("|---|---|---|")
+        say(f"\nPaired by seed, ({full}) minus each other arm:\n")
+        say("| other arm | Δ val/itm_acc | Δ val/mlm_acc |")
+        say("|---|---|---|")
         by_seed = {r["seed"]: r for r in arms[full]}
         for arm, rs in arms.items():
             if arm == full:
@@ -102,10 +108,10 @@ def main() -> None:
             for m in ("val/itm_acc", "val/mlm_acc"):
                 deltas[m] = [by_seed[r["seed"]]["final"][m] - r["final"][m] for r in rs
                              if r["seed"] in by_seed and m in r["final"] and m in by_seed[r["seed"]]["final"]]
-            print(f"| {arm} | {mean_std(deltas['val/itm_acc'])} | {mean_std(deltas['val/mlm_acc'])} |")
+            say(f"| {arm} | {mean_std(deltas['val/itm_acc'])} | {mean_std(deltas['val/mlm_acc'])} |")
             summary[arm]["paired_delta_vs_full"] = deltas
     if unfinished:
-        print(f"\nleft out {len(unfinished)} unfinished job(s): {', '.join(unfinished)}")
+        say(f"\nleft out {len(unfinished)} unfinished job(s): {', '.join(unfinished)}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +120,11 @@ def main() -> None:
         keep.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(r["job"]) / ".hydra" / "config.yaml", keep / "config.yaml")
         shutil.copy(Path(r["job"]) / "csv" / "metrics.csv", keep / "metrics.csv")
+    header = ["# Results: the objectives study", "",
+              f"Written by `gather.py` from {', '.join(f'`{d}`' for d in args.multiruns)}: the validation after",
+              "the last step of each finished job (mean ± sample standard deviation over seeds; `test/` is the",
+              "compositional split). The runs themselves are under `runs/`; the reading is in README.md.", ""]
+    (out / "RESULTS.md").write_text("\n".join(header + lines) + "\n")
     (out / "results.json").write_text(json.dumps({"arms": summary, "jobs": results}, indent=1))
     plot(arms, out / "curves.png")
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.png'} and {len(results)} runs under {out / 'runs'}")
