@@ -149,7 +149,11 @@ def plot(arms: dict[str, list[dict]], path: Path) -> None:
                     ax.plot(xs, ys, color=c, marker="o", ms=3, lw=1, label=arm if i == 0 else None)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
+    labelled = {}  # every arm once, whichever panel it appears in (an arm without ITM has no ITM curve)
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, h)
+    axes[0].legend(labelled.values(), labelled.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
