@@ -246,7 +246,7 @@ def bench_model(args) -> dict:
         cells += [f"{r['gflop']:.0f}", f"{100 * r['transformers_peak_frac']:.0f}%", f"{100 * r['ours_peak_frac']:.0f}%"]
         cells += [f"{100 * r['compiled_peak_frac']:.0f}%"] if compiled else []
         table.add_row(*cells)
-    Console(width=max(Console().width, 120)).print(table)
+    Console(width=max(Console().width, 150 if compiled else 120)).print(table)
     return {"rows": rows, "matmul_peak_flops": peaks, "flops_per_example": {"forward": flops[False],
             "forward+backward": flops[True]}, "max_relative_difference_fp32": agreement,
             "text_len": text_len, "image": [height, width]}
