@@ -151,8 +151,7 @@ class ViLT(nn.Module):
             for _ in range(num_layers)
         )
         if compile:
-            for block in self.blocks:
-                block.compile()
+            self.compile_blocks()
         self.norm = norm(hidden_size)
         self.pooler = Pooler(hidden_size)
         for child in self.children():  # the embedder initialises itself (and may hold loaded weights)
@@ -164,6 +163,11 @@ class ViLT(nn.Module):
             from vlm.models.interop import load_into, read_checkpoint
 
             load_into(self, read_checkpoint(init_from), origin=init_from)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each transformer block in place (what ``compile=True`` does)."""
+        for block in self.blocks:
+            block.compile()
 
     def embed_image(self, visual: VisualTokens, token_type: int = 1) -> tuple[Tensor, Tensor]:
         """[image CLS; visual tokens] with the modality type added: ([B, 1 + N, D], mask [B, 1 + N])."""
