@@ -23,6 +23,9 @@ def test_cli_fast_dev_run(data_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "val/itm_acc" in res.stdout and "val/mlm_acc" in res.stdout and "majority baseline" in res.stdout
     assert "skipped 0 samples" in res.stdout
+    # the model summary prints parameters, not Lightning's FLOPs (zeros without an example input)
+    assert "Trainable params" in res.stdout and "FLOPs" not in res.stdout
+    assert "LeafSpec" not in res.stderr
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -1,10 +1,13 @@
-"""Callbacks that record what a comparison needs besides the metrics: speed, and metrics against wall-clock."""
+"""Callbacks: what a comparison needs besides the metrics (speed, and metrics against wall-clock), and a
+model summary that prints only figures it computed."""
 
 from __future__ import annotations
 
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import RichModelSummary
+from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
 
 class Throughput(L.Callback):
@@ -44,3 +47,32 @@ class Throughput(L.Callback):
         if self._fit_start is not None:
             out["time/fit_s"] = time.perf_counter() - self._fit_start
         return out
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich summary without its FLOPs column and total: Lightning counts FLOPs only through an
+    `example_input_array`, which a batch-of-dicts model does not have, so it would print zeros. The embedder's
+    real cost (`cost/gflops_per_image`, `torch.utils.flop_counter`) is in every run's results instead."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        from rich import get_console
+        from rich.table import Table
+
+        data = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in data:
+            table.add_column(name, justify="right" if name.startswith("Params") else "left", style="dim" if name == " " else None)
+        for row in zip(*(values for _, values in data)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        console.print(
+            f"[bold]Trainable params[/]: {get_human_readable_count(int(trainable_parameters))}   "
+            f"[bold]Frozen params[/]: {get_human_readable_count(int(total_parameters - trainable_parameters))}   "
+            f"[bold]Size[/]: {get_formatted_model_size(model_size)} MB"
+        )
+        console.print(
+            f"[bold]Modules in train / eval mode[/]: {total_training_modes['train']} / {total_training_modes['eval']}"
+        )

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors reach `main`, which reports them on one line
+# lightning 2.6 builds torch 2.14's deprecated LeafSpec on every batch: a warning for lightning, not for a user
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 import hydra
 import lightning as L
