@@ -25,7 +25,7 @@ def test_cli_fast_dev_run(data_dir, tmp_path):
     assert "skipped 0 samples" in res.stdout
     # the model summary prints parameters, not Lightning's FLOPs (zeros without an example input)
     assert "Trainable params" in res.stdout and "FLOPs" not in res.stdout
-    assert "LeafSpec" not in res.stderr
+    assert "LeafSpec" not in res.stderr and "not supported by the model summary" not in res.stderr
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

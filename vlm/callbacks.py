@@ -4,6 +4,7 @@ model summary that prints only figures it computed."""
 from __future__ import annotations
 
 import time
+import warnings
 
 import lightning as L
 from lightning.pytorch.callbacks import RichModelSummary
@@ -53,6 +54,12 @@ class ModelSummary(RichModelSummary):
     """Lightning's rich summary without its FLOPs column and total: Lightning counts FLOPs only through an
     `example_input_array`, which a batch-of-dicts model does not have, so it would print zeros. The embedder's
     real cost (`cost/gflops_per_image`, `torch.utils.flop_counter`) is in every run's results instead."""
+
+    def _summary(self, trainer, pl_module):
+        # bf16-mixed keeps fp32 weights, so the 32-bit size Lightning falls back to (with a warning) is the true one
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
+            return super()._summary(trainer, pl_module)
 
     @staticmethod
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
