@@ -9,6 +9,8 @@ import warnings
 import lightning as L
 from lightning.pytorch.callbacks import RichModelSummary
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
+from rich import get_console
+from rich.table import Table
 
 
 class Throughput(L.Callback):
@@ -64,9 +66,6 @@ class ModelSummary(RichModelSummary):
     @staticmethod
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
                   total_flops, **summarize_kwargs) -> None:
-        from rich import get_console
-        from rich.table import Table
-
         data = [(name, values) for name, values in summary_data if name != "FLOPs"]
         table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
         for name, _ in data:
