@@ -1,18 +1,22 @@
-"""Shared fixtures: a small built-in data set, generated once per test session."""
+"""Shared fixtures: a small built-in data set, generated once per test session, and a run folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
-ROOT = Path(__file__).resolve().parents[1]
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
 
 from vlm.data.synthetic import SyntheticData
+from vlm.data.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +57,18 @@ def compose_config(overrides: list[str], output_dir: str | None = None):
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+@pytest.fixture(scope="session")
+def run_dir(data_dir, tmp_path_factory) -> Path:
+    """What `python -m vlm.train` leaves behind: .hydra/config.yaml and checkpoints/last.ckpt."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "task.objectives.mpp=1.0"], output_dir=str(run))
+    tok = load_tokenizer(cfg.data.tokenizer)
+    task = instantiate(cfg.task, model=instantiate(cfg.model, vocab_size=len(tok)))
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as Hydra saves it: interpolations unresolved
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": task.state_dict()}, run / "checkpoints" / "last.ckpt")
+    Image.new("RGB", (150, 100), (40, 40, 40)).save(run / "scene.png")
+    return run

@@ -9,6 +9,7 @@ import transformers
 from tests.conftest import ROOT
 from tests.models.test_interop import make_hf, small_vit
 from vlm.convert import main
+from vlm.models import interop
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.interop import read_checkpoint
 from vlm.models.vilt import ViLT
@@ -49,3 +50,17 @@ def test_bad_source_is_one_line_and_status_2(tmp_path):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope" in lines[0], res.stderr
+
+
+def test_a_training_checkpoint_converts_with_its_runs_config(run_dir, tmp_path, capsys):
+    """`--from <run>/checkpoints/last.ckpt --to-hf DIR`: the architecture comes from <run>/.hydra/config.yaml."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    main(["--from", str(ckpt), "--to-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours.pt")])
+    out = capsys.readouterr().out
+    assert "4 layers x 128, 4 heads, patch 32" in out and "heads: itm_score, mlm_score" in out
+    hf = transformers.ViltModel.from_pretrained(tmp_path / "hf")  # the untied MLM head is left out, with a note
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(hf.embeddings.patch_embeddings.projection.weight, state["model.embedder.proj.weight"])
+    assert torch.equal(hf.encoder.layer[3].output.dense.weight, state["model.blocks.3.mlp.fc2.weight"])
+    model, heads = interop.build(read_checkpoint(tmp_path / "ours.pt"))
+    assert set(heads) == {"itm_score", "mlm_score"} and torch.equal(heads["itm_score"].fc.weight, state["itm_score.fc.weight"])

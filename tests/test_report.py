@@ -10,3 +10,11 @@ def test_skip_line_counts_samples_and_shards_apart(capsys):
     )
     print_skipped({"train": Counter(), "val": Counter()})
     assert capsys.readouterr().out.strip() == "skipped 0 samples"
+
+
+def test_bad_boxes_are_counted_apart_from_samples(capsys):
+    print_skipped({"train": Counter(bad_boxes=5, corrupt_image=1, unreadable_shard=2), "val": Counter(bad_boxes=1)})
+    assert capsys.readouterr().out.strip() == (
+        "skipped 1 samples and 2 unreadable shards, 6 bad boxes (train: bad_boxes=5, corrupt_image=1, unreadable_shard=2; "
+        "val: bad_boxes=1)"
+    )

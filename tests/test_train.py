@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from tests.conftest import ROOT, SMALL_DATA, compose_config
-from vlm.train import train
+from vlm.errors import ConfigError
+from vlm.train import build, train
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
@@ -44,7 +46,7 @@ def test_short_run_logs_csv_metrics_and_resumes(data_dir, tmp_path):
     (and a callback set to null is left out)."""
     common = ["logger=csv", "callbacks.progress_bar=null", f"paths.data_dir={data_dir}", *SMALL_DATA, "trainer.val_check_interval=4",
               "data.batch_size=16", "data.num_workers=0", "trainer.log_every_n_steps=1"]
-    cfg = compose_config([*common, "trainer.max_steps=4"], output_dir=str(tmp_path / "a"))
+    cfg = compose_config([*common, "trainer.max_steps=4", "task.optim.steps=8"], output_dir=str(tmp_path / "a"))
     train(cfg)
     rows = list(csv.DictReader(open(tmp_path / "a" / "csv" / "metrics.csv")))
     assert any(r.get("val/itm_acc") for r in rows) and any(r.get("train/loss_mlm") for r in rows)
@@ -158,3 +160,131 @@ def test_cli_trains_on_img2dataset_shards_with_bad_samples(data_dir, tmp_path):
     assert any(r.get("val/itm_acc") for r in rows)
     assert any(r.get("data/skipped_corrupt_image") for r in rows)
     assert (shards / "tokenizer").is_dir()  # trained on the training captions, beside the shards
+
+
+@pytest.fixture(scope="module")
+def degenerate_boxes(tmp_path_factory):
+    """Webdataset shards whose boxes include inverted, outside-the-image and NaN ones (and samples with only such)."""
+    import io
+    import json
+    import tarfile
+
+    from vlm.data import export
+
+    root = tmp_path_factory.mktemp("boxes")
+    export.write_webdataset(root, "val", 8, 1)
+    bad = [[30, 30, 10, 10], [5000, 5000, 6000, 6000], [float("nan"), 1, 20, 20]]
+    with tarfile.open(root / "train-00000.tar", "w") as tar:
+        for i, (key, jpg, meta) in enumerate(export.scenes("train", 16)):
+            boxes, labels = meta["boxes"] + [bad[i % 3]], meta["labels"] + [0]
+            if i % 4 == 0:
+                boxes, labels = [bad[i % 3]], [1]
+            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", json.dumps(
+                    {"caption": meta["caption"], "boxes": boxes, "labels": labels}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+@pytest.mark.parametrize("what", [["task=detection"], ["model/embedder=region", "model.embedder.box_source=data"]],
+                         ids=["detection", "region"])
+def test_degenerate_boxes_train_instead_of_crashing(what, degenerate_boxes, synthetic, tmp_path, capsys):
+    cfg = compose_config([*what, "data=webdataset", f"data.train_files={degenerate_boxes}/train-00000.tar",
+                          f"data.val_files={degenerate_boxes}/val-00000.tar", f"data.tokenizer={synthetic.root}/tokenizer",
+                          "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=8",
+                          "data.image_size=64", "data.max_size=96", "data.num_workers=0", "evaluate.test=false"],
+                         output_dir=str(tmp_path))
+    train(cfg)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("skipped"))
+    assert line.startswith("skipped 0 samples and 16 bad boxes") and "train: bad_boxes=16" in line, line
+
+
+def test_cli_trains_past_a_dead_shard_and_an_empty_one(tmp_path):
+    """One good shard beside 2,500 failed downloads (a dead host, as img2dataset leaves it) and an empty .tar, no
+    data.tokenizer: the run reaches trainer.max_steps and the last line counts what it skipped."""
+    import io
+    import json
+    import tarfile
+
+    from vlm.data import export
+
+    shards = tmp_path / "shards"
+    export.write_webdataset(shards, "train", 128, 1)
+    export.write_webdataset(shards, "val", 16, 1)
+    with tarfile.open(shards / "train-00001.tar", "w") as tar:
+        for i in range(2500):
+            data = json.dumps({"url": f"https://dead.invalid/{i}.jpg", "key": f"dead-{i:05d}",
+                               "status": "failed_to_download", "error_message": "HTTP Error 404"}).encode()
+            info = tarfile.TarInfo(f"dead-{i:05d}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (shards / "train-00002.tar").write_bytes(b"")
+    res = subprocess.run(
+        [sys.executable, "-m", "vlm.train", "data=webdataset", f"data.train_files={shards}/train-{{00000..00002}}.tar",
+         f"data.val_files={shards}/val-00000.tar", "logger=none", "callbacks.progress_bar=null", "trainer.max_steps=12",
+         "trainer.val_check_interval=12", "data.batch_size=16", "data.image_size=64", "data.max_size=96",
+         "evaluate.test=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=12` reached" in res.stdout + res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("skipped"))
+    assert "failed_download=" in line and "unreadable_shard=" in line, line
+    assert (shards / "tokenizer").is_dir()
+
+
+RESUME = ["logger=none", "callbacks.progress_bar=null", *SMALL_DATA, "data.batch_size=8", "data.num_workers=2",
+          "trainer.val_check_interval=4", "+trainer.limit_val_batches=1", "evaluate.test=false"]
+
+
+def test_resume_with_another_data_layout_or_batch_stops_at_start_on_one_line(data_dir, tmp_path):
+    common = [*RESUME, f"paths.data_dir={data_dir}"]
+    train(compose_config([*common, "trainer.max_steps=4"], str(tmp_path / "a")))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    res = subprocess.run([sys.executable, "-m", "vlm.train", *common, "trainer.max_steps=4", "data.num_workers=1",
+                          f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"vlm.train: error: ckpt_path={last}: its data position was written for another layout (data.num_workers: "
+        "2 there, 1 here): resume with the same, or start anew from its weights with model.init_from=...")
+    with pytest.raises(ConfigError, match=r"trained with data.batch_size=8, this run has 16: resume with data.batch_size=8"):
+        train(compose_config([*common, "trainer.max_steps=4", "data.batch_size=16", f"ckpt_path={last}"], str(tmp_path / "c")))
+
+
+class RecordLR(L.Callback):
+    def __init__(self):
+        self.lr = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def fit_recording_lr(cfg):
+    dm, task, trainer = build(cfg)
+    record = RecordLR()
+    trainer.callbacks.append(record)
+    trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    return record.lr
+
+
+def test_resume_with_a_new_max_steps_keeps_the_schedule_or_is_refused(data_dir, tmp_path):
+    """The schedule's horizon is in the checkpoint: another trainer.max_steps is refused on one line, unless
+    task.optim.steps pins the horizon, which then resumes the very rate of the uninterrupted run."""
+    common = [*RESUME, f"paths.data_dir={data_dir}", "task.optim.warmup=2"]
+    full = fit_recording_lr(compose_config([*common, "trainer.max_steps=8"], str(tmp_path / "full")))
+    fit_recording_lr(compose_config([*common, "trainer.max_steps=4", "task.optim.steps=8"], str(tmp_path / "a")))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"schedule runs over 8 steps, this run's over 12 \(trainer.max_steps=12\).* "
+                                          r"task.optim.steps=8"):
+        build(compose_config([*common, "trainer.max_steps=12", f"ckpt_path={last}"], str(tmp_path / "b")))
+    # stop early at 6, on the 8-step schedule: the same rates as the uninterrupted run
+    rest = fit_recording_lr(compose_config([*common, "trainer.max_steps=6", "task.optim.steps=8", f"ckpt_path={last}"],
+                                           str(tmp_path / "c")))
+    assert sorted(rest) == [4, 5] and all(rest[k] == pytest.approx(full[k], rel=1e-12) for k in rest), (rest, full)
+    # go on past the horizon: the rate stays at its end value (0 here), it does not jump back up
+    longer = fit_recording_lr(compose_config([*common, "trainer.max_steps=10", "task.optim.steps=8", f"ckpt_path={last}"],
+                                             str(tmp_path / "d")))
+    assert [longer[k] for k in sorted(longer)][:4] == pytest.approx([full[4], full[5], full[6], full[7]], rel=1e-12)
+    assert longer[8] == longer[9] == 0.0

@@ -1,31 +1,9 @@
 """`python -m vlm.visualize align`: a run's checkpoint + config -> one heat map per word and a grid."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-from PIL import Image
 
-from tests.conftest import SMALL_DATA, compose_config
-from vlm.data.tokenizer import load_tokenizer
 from vlm.visualize import heat_map, main
-
-
-@pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory) -> Path:
-    """What `python -m vlm.train` leaves behind: .hydra/config.yaml and checkpoints/last.ckpt."""
-    run = tmp_path_factory.mktemp("run")
-    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "task.objectives.mpp=1.0"], output_dir=str(run))
-    tok = load_tokenizer(cfg.data.tokenizer)
-    task = instantiate(cfg.task, model=instantiate(cfg.model, vocab_size=len(tok)))
-    (run / ".hydra").mkdir()
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as Hydra saves it: interpolations unresolved
-    (run / "checkpoints").mkdir()
-    torch.save({"state_dict": task.state_dict()}, run / "checkpoints" / "last.ckpt")
-    Image.new("RGB", (150, 100), (40, 40, 40)).save(run / "scene.png")
-    return run
 
 
 def test_align_writes_one_png_per_word_and_a_grid(run_dir, tmp_path, capsys):
@@ -60,3 +38,10 @@ def test_heat_map_spreads_each_tokens_mass_over_its_box():
     assert heat.sum().item() == pytest.approx(1.0)  # the padded token paints nothing
     assert heat[0, 0].item() == pytest.approx(0.5 / 16) and heat[3, 3].item() == pytest.approx(0.5 / 16 + 0.25 / 16)
     assert heat[7, 0] == 0
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\t\n"])
+def test_align_refuses_an_empty_caption(run_dir, text, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["align", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"image={run_dir / 'scene.png'}", f"text={text}"])
+    assert e.value.code == 2 and "align: text= is empty" in capsys.readouterr().err

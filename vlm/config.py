@@ -1,7 +1,10 @@
 """Config checks: every ``_target_`` node is checked against its target's signature before anything runs.
 
-The signature is the schema, so a wrong key or a value of the wrong type fails at start, on one line that
-names the key, and there is no second copy of each class's arguments to keep in step.
+The signature is the schema, so a wrong key, a value of the wrong type or out of its range fails at start, on
+one line that names the key and what it may be, and there is no second copy of each class's arguments to keep
+in step. Ranges are ``Annotated`` bounds (``annotated_types``): ``batch_size: Annotated[int, Ge(1)]``. What a
+run needs beyond single arguments (keys that must agree, files that must exist, a third-party Trainer's
+arguments) is `check_run`.
 """
 
 from __future__ import annotations
@@ -12,16 +15,15 @@ import sys
 import types
 import typing
 from contextlib import contextmanager
-from typing import Any, Literal, Union
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
 from hydra.errors import HydraException
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; its message is one line naming the key."""
+from vlm.errors import ConfigError, DataError
 
 
 def check(cfg: DictConfig, derived: frozenset[str] = frozenset(), path: str = "") -> None:
@@ -54,7 +56,7 @@ def _check_node(cfg: DictConfig, target: str, path: str, derived: frozenset[str]
     params = inspect.signature(fn).parameters
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
     except Exception:  # unresolvable annotations in a third-party signature: check names only
         hints = {}
     for key in cfg:
@@ -79,6 +81,8 @@ def _accepts(value: Any, hint: Any) -> bool:
     if hint is Any or hint is inspect.Parameter.empty:
         return True
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _accepts(value, args[0]) and all(_within(value, bound) for bound in args[1:])
     if origin in (Union, types.UnionType):
         return any(_accepts(value, a) for a in args)
     if hint is type(None):
@@ -105,8 +109,77 @@ def _accepts(value: Any, hint: Any) -> bool:
     return True  # classes and protocols: left to the target itself
 
 
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def _within(value: Any, bound: Any) -> bool:
+    """Whether a number meets an ``annotated_types`` bound (Gt, Ge, Lt, Le, Interval); other metadata passes."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return True
+    checks = {"gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b}
+    return all(checks[k](value, getattr(bound, k)) for k, _ in _BOUNDS if getattr(bound, k, None) is not None)
+
+
 def _name(hint: Any) -> str:
+    """What a hint allows, in words: ``an int >= 1 or null``, ``one of 'data', 'detector'``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        bounds = [f"{sign} {getattr(b, k)}" for b in args[1:] for k, sign in _BOUNDS if getattr(b, k, None) is not None]
+        return " ".join([_name(args[0]), " and ".join(bounds)]) if bounds else _name(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_name(a) for a in sorted(args, key=lambda a: a is type(None)))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if hint in (int, float, str, bool):
+        return {int: "an int", float: "a float", str: "a string", bool: "true or false"}[hint]
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_run(cfg: DictConfig) -> None:
+    """What a training run needs beyond each node's signature; raise ConfigError naming the key.
+
+    The training stream has no end, so the run and its schedule are counted in steps; the transformer's width must
+    split into its heads; weights and a tokenizer named in the config must be on this machine (nothing is
+    downloaded).
+    """
+    trainer = cfg.trainer
+    for key in ("max_steps", "val_check_interval"):
+        value = trainer.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            what = "steps in the run" if key == "max_steps" else "steps between validations"
+            raise ConfigError(f"config key 'trainer.{key}' = {_show(value)}: expected an int >= 1 ({what}; the "
+                              "training stream has no epochs)")
+    model = cfg.get("model") or {}
+    width, heads = model.get("hidden_size"), model.get("num_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        divisors = ", ".join(str(d) for d in range(1, width + 1) if width % d == 0)
+        raise ConfigError(f"model.hidden_size={width} is not divisible by model.num_heads={heads}: choose "
+                          f"model.num_heads from {divisors}")
+    init_from = model.get("init_from")
+    if init_from and not Path(str(init_from)).expanduser().exists():
+        raise ConfigError(f"model.init_from={init_from}: no such file or directory")
+    data = cfg.get("data") or {}
+    tokenizer = data.get("tokenizer")
+    if tokenizer and not _tokenizer_exists(str(tokenizer), data.get("generate")):
+        raise ConfigError(f"data.tokenizer={tokenizer}: no such directory, nor a tokenizer of that name in the local "
+                          "Hugging Face cache (nothing is downloaded); null trains one on the training captions")
+
+
+def _tokenizer_exists(name: str, generate: Any) -> bool:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return True
+    root = generate.get("root") if isinstance(generate, DictConfig) else None
+    if root is not None and path.resolve().is_relative_to(Path(root).expanduser().resolve()):
+        return True  # the built-in data writes its tokenizer when it is first generated
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
+    except Exception:  # not a repository name
+        return False
 
 
 def _show(value: Any) -> str:
@@ -127,14 +200,47 @@ def one_line(e: BaseException) -> str:
     if key:
         return f"config key '{key}': {first}"
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return " ".join(lines[:2]) if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    options = next((i for i, ln in enumerate(lines) if ln.startswith("Available options in")), None)
+    if options is not None:  # a group option that does not exist: name the ones that do
+        names = [ln for ln in lines[options + 1 :] if not ln.startswith(("Config search path", "provider="))]
+        return f"{lines[0]}; {lines[options][0].lower()}{lines[options][1:]} {', '.join(names)}"
+    return " ".join(lines[:2])
+
+
+REPORTED = (ConfigError, DataError, HydraException, OmegaConfBaseException)
+
+
+def first_reported(e: BaseException) -> BaseException | None:
+    """The error to tell the user about: ``e``, or the one it was raised while handling (a library's clean-up
+    that fails after our error, as Lightning's teardown can), when that is one of ours; None otherwise."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, REPORTED):
+            return seen
+        seen = None if seen.__suppress_context__ else (seen.__cause__ or seen.__context__)
+    return None
 
 
 @contextmanager
 def reported(prog: str):
-    """Turn config errors into one line on stderr and exit status 2; let every other error through."""
+    """Config and data errors as one line on stderr and exit status 2, even when a clean-up raised over them;
+    every other error goes through."""
     try:
         yield
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+    except Exception as e:
+        first = first_reported(e)
+        if first is None:
+            raise
+        print(f"{prog}: error: {one_line(first) if not isinstance(first, DataError) else data_line(first)}",
+              file=sys.stderr)
         sys.exit(2)
+
+
+def data_line(e: DataError) -> str:
+    """A DataError re-raised from a DataLoader worker carries the worker's traceback: keep the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(e).__name__

@@ -77,9 +77,15 @@ def main(argv: list[str] | None = None) -> None:
             interop.save_checkpoint(ckpt, args.out)
             print(f"wrote {args.out}")
         if args.to_hf:
-            if args.head == "none":
+            head = args.head
+            if head is None and "mlm_score" in ckpt["heads"] and not interop.mlm_tied(ckpt):
+                others = [h for h in ckpt["heads"] if h not in ("mlm_score", "itm_score")]
+                head = others[0] if len(others) == 1 else "none" if not others else None
+                print("left out mlm_score: transformers' ViltForMaskedLM ties its decoder to the word embeddings, "
+                      "and this one's are not (--head mlm_score to try anyway)")
+            if head == "none":
                 ckpt = {**ckpt, "heads": {}}
-            hf = interop.hf_model(ckpt, None if args.head == "none" else args.head)
+            hf = interop.hf_model(ckpt, None if head == "none" else head)
             hf.save_pretrained(args.to_hf)
             print(f"wrote {args.to_hf} ({type(hf).__name__})")
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -26,10 +26,13 @@ def print_metrics(metrics: dict, title: str = "final validation") -> None:
 
 
 def print_skipped(skipped: dict[str, Counter]) -> None:
-    """One line starting ``skipped``: every dropped sample (and unreadable shard), by split and reason.
+    """One line starting ``skipped``: every dropped sample (and unreadable shard, and bad box: its sample is kept),
+    by split and reason.
     Validation counts are those of the last validation pass; training counts are the whole run's."""
-    samples = sum(n for c in skipped.values() for r, n in c.items() if r != "unreadable_shard")
+    samples = sum(n for c in skipped.values() for r, n in c.items() if r not in ("unreadable_shard", "bad_boxes"))
     shards = sum(c.get("unreadable_shard", 0) for c in skipped.values())
+    boxes = sum(c.get("bad_boxes", 0) for c in skipped.values())
     parts = [f"{split}: " + ", ".join(f"{r}={n}" for r, n in sorted(c.items()) if n) for split, c in skipped.items() if +c]
-    head = f"skipped {samples} samples" + (f" and {shards} unreadable shards" if shards else "")
+    extras = [f"{n} {what}" for n, what in ((shards, "unreadable shards"), (boxes, "bad boxes")) if n]
+    head = f"skipped {samples} samples" + (" and " + ", ".join(extras) if extras else "")
     print(head + (f" ({'; '.join(parts)})" if parts else ""))

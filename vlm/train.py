@@ -21,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.callbacks import Throughput
 from vlm.cli import quote_brace_ranges
-from vlm.config import ConfigError, check, reported
+from vlm.config import check, check_run, data_line, first_reported, reported
 from vlm.data.stream import StreamLoader
+from vlm.errors import ConfigError, DataError
 from vlm.precision import cpu_has_fast_bf16
 from vlm.report import print_metrics, print_skipped
+from vlm.resume import check_resume, read_training_checkpoint
 from vlm.tasks.retrieval import zero_shot_retrieval
 
 
@@ -42,12 +44,18 @@ def build(cfg: DictConfig):
             and not cpu_has_fast_bf16():
         print(f"precision: {cfg.trainer.precision} (this CPU has no native bf16, where bf16 runs ~100x slower)")
     check(cfg, derived=frozenset({"model.vocab_size"}))
+    check_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
+    world = devices_of(cfg.trainer)
     try:
-        accumulate = dm.accumulation(devices_of(cfg.trainer))
+        accumulate = dm.accumulation(world)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.get("ckpt_path"):
+        optim = (cfg.get("task") or {}).get("optim") or {}
+        check_resume(cfg, read_training_checkpoint(cfg.ckpt_path), dm.train_layout(world),
+                     optim.get("steps") or cfg.trainer.max_steps)
     text = {"vocab_size": cfg.model.vocab_size or dm.vocab_size} if "vocab_size" in cfg.model else {}  # not a detector
     model = instantiate(cfg.model, **text)
     task = instantiate(cfg.task, model=model)
@@ -73,7 +81,13 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, task, dm) -> dict[str, float]:
     metrics = dict(trainer.validate(task, datamodule=dm, verbose=False)[0])
     ev = cfg.get("evaluate") or {}
     if ev.get("test") and dm.has_split("test"):
-        metrics.update(trainer.test(task, datamodule=dm, verbose=False)[0])
+        try:
+            metrics.update(trainer.test(task, datamodule=dm, verbose=False)[0])
+        except Exception as e:  # a test split with nothing usable costs the test metrics, not the finished run
+            first = first_reported(e)
+            if not isinstance(first, DataError):
+                raise
+            print(f"no test metrics: {data_line(first)}")
     if ev.get("retrieval_pairs", 0) > 0:
         autocast = trainer.precision_plugin.forward_context  # entered anew for every chunk of pairs
         metrics.update(zero_shot_retrieval(task, dm.val_dataloader(), ev.retrieval_pairs, autocast=autocast))
@@ -129,7 +143,8 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    with reported("vlm.train"):  # inside the job too, so that Hydra adds no lines of its own
+        return train(cfg)
 
 
 def main() -> None:

@@ -27,13 +27,15 @@ from vlm.models.objectives import wpa_distance, wpa_masks
 def load_run(ckpt_path: str, config: str | None = None, tokenizer: str | None = None):
     """(task, tokenizer, data config) of a training run, weights from ``ckpt_path``, in eval mode on the CPU."""
     from vlm.data.tokenizer import load_tokenizer
+    from vlm.models.interop import run_config
 
     ckpt = Path(ckpt_path)
     if not ckpt.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such file")
-    cfg_file = Path(config) if config else ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(f"config: {cfg_file} not found (give config=<run>/.hydra/config.yaml)")
+    cfg_file = Path(config) if config else run_config(ckpt)
+    if cfg_file is None or not cfg_file.is_file():
+        raise ConfigError(f"config: {cfg_file or ckpt.resolve().parent.parent / '.hydra' / 'config.yaml'} not found "
+                          "(give config=<run>/.hydra/config.yaml)")
     cfg = OmegaConf.load(cfg_file)
     for key in ("model", "task", "data"):
         if key not in cfg:
@@ -178,6 +180,8 @@ def cmd_align(args: dict[str, str]) -> None:
     for key in ("ckpt_path", "image", "text"):
         if key not in args:
             raise ConfigError(f"align: missing {key}=...")
+    if not args["text"].strip():
+        raise ConfigError("align: text= is empty: give the caption to align, e.g. text=\"a red circle.\"")
     unknown = set(args) - {"ckpt_path", "image", "text", "out", "config", "tokenizer"}
     if unknown:
         raise ConfigError(f"align: unknown argument '{sorted(unknown)[0]}'")
@@ -197,6 +201,9 @@ COMMANDS = {"align": cmd_align}
 
 
 def parse(argv: list[str]) -> tuple[str, dict[str, str]]:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
         raise ConfigError(f"choose a command: {', '.join(COMMANDS)} (python -m vlm.visualize align ckpt_path=... image=... text=...)")
     args = {}

@@ -38,6 +38,7 @@ def fit(shards, synthetic, out, max_steps, ckpt=None):
          f"data.tokenizer={synthetic.root}/tokenizer", "data.batch_size=4", "data.num_workers=2", "data.image_size=32",
          "data.max_size=64", "model=vilt_tiny", "trainer=cpu", f"trainer.max_steps={max_steps}",
          "trainer.val_check_interval=5", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=csv",
+         "task.optim.steps=12",  # the schedule of the whole run, interrupted or not
          f"ckpt_path={ckpt}" if ckpt else "ckpt_path=null"],
         output_dir=str(out),
     )
@@ -117,3 +118,24 @@ def test_a_run_on_missing_files_stops_at_start_naming_the_key(tmp_path):
     cfg = compose_config(quote_brace_ranges(overrides), output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="data.train_files: no such file: .*train-00000.tar \\(and 3 more\\)"):
         build(cfg)
+
+
+def test_tokenizer_training_skips_unreadable_shards(tmp_path):
+    """No data.tokenizer: the WordPiece is trained through the same skipping reader as the stream."""
+    from vlm.data.datamodule import ImageTextDataModule
+    from vlm.errors import DataError, DataWarning
+
+    good = export.write_webdataset(tmp_path / "web", "train", 8, 1)[0]
+    (tmp_path / "web" / "train-00001.tar").write_bytes(b"")
+    (tmp_path / "web" / "train-00002.tar").write_bytes(b"\x00not a tar" * 50)
+    files = [str(tmp_path / "web" / "train-00001.tar"), good, str(tmp_path / "web" / "train-00002.tar")]
+    dm = ImageTextDataModule(train_files=files, val_files=good)
+    with pytest.warns(DataWarning, match="unreadable shard .*train-00001.tar"):
+        assert dm.vocab_size > 20
+    assert (tmp_path / "web" / "tokenizer").is_dir()  # beside the first training file
+
+    (tmp_path / "dead").mkdir()
+    (tmp_path / "dead" / "a.tar").write_bytes(b"")
+    dm = ImageTextDataModule(train_files=str(tmp_path / "dead" / "a.tar"), val_files=good)
+    with pytest.warns(DataWarning), pytest.raises(DataError, match=r"no caption to train a tokenizer on in data.train_files.*data.tokenizer"):
+        dm.tokenizer

@@ -8,8 +8,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
-from vlm.data import export, stream as stream_module
+from vlm.data import export
+from vlm.data import stream as stream_module
 from vlm.data.collate import Collator
 from vlm.data.sources import WebDataset
 from vlm.data.stream import DataWarning, ShardStream, StreamLoader, StreamProgress
@@ -158,6 +160,7 @@ def test_every_bad_kind_is_skipped_and_counted(tokenizer, tmp_path):
         add(tar, "long.jpg", jpg), add(tar, "long.txt", b"word " * 1000)
         add(tar, "badjson.jpg", jpg), add(tar, "badjson.json", b"{not json")
         add(tar, "badbox.jpg", jpg), add(tar, "badbox.json", json.dumps({"caption": "c", "boxes": [[1, 2, 3]]}).encode())
+        add(tar, "intcap.jpg", jpg), add(tar, "intcap.json", json.dumps({"caption": 42}).encode())
         add(tar, "badutf.jpg", jpg), add(tar, "badutf.txt", b"caf\xe9 \xff")  # decoded with replacement: kept
     garbage = tmp_path / "bad-00001.tar"
     garbage.write_bytes(b"\x00garbage" * 100)
@@ -169,10 +172,10 @@ def test_every_bad_kind_is_skipped_and_counted(tokenizer, tmp_path):
                     max_caption_chars=1000)
     with pytest.warns(DataWarning, match="unreadable shard"):
         batches = one_pass(s, 0)
-    assert sorted(keys(batches)) == ["badutf", "ok"]
+    assert sorted(keys(batches)) == ["badbox", "badutf", "ok"]  # a bad box costs the box, not the sample
     skipped = sum((Counter(b.skipped) for b in batches), Counter())
     assert skipped == Counter(failed_download=1, missing_image=1, corrupt_image=2, empty_image=1, missing_caption=1,
-                              empty_caption=1, long_caption=1, bad_json=1, bad_boxes=1, unreadable_shard=2)
+                              empty_caption=1, bad_caption=1, long_caption=1, bad_json=1, bad_boxes=1, unreadable_shard=2)
 
 
 def test_trailing_skips_are_counted_on_the_last_batch(tokenizer, tmp_path):
@@ -181,10 +184,14 @@ def test_trailing_skips_are_counted_on_the_last_batch(tokenizer, tmp_path):
     assert sum(len(b) for b in batches) + sum(sum(b.skipped.values()) for b in batches) == 12
 
 
-def test_a_stream_of_nothing_but_bad_samples_stops_with_a_message(tokenizer, tmp_path):
-    source, shards = web_shards(tmp_path, 8, 1, failed=1.0)
-    s = make_stream(tokenizer, [(source, shards)], endless=True, max_bad_run=50)
-    with pytest.raises(RuntimeError, match="in a row were unusable"):
+def test_max_bad_run_stops_a_long_run_of_bad_samples_with_a_message(tokenizer, tmp_path):
+    """Opt-in (data.max_bad_run): 50 unusable samples in a row stop the stream even though good ones follow."""
+    source = WebDataset()
+    good = export.write_webdataset(tmp_path, "train", 8, 1)[0]
+    s = make_stream(tokenizer, [(source, source.shards([dead_shard(tmp_path / "dead.tar", 80), good], "train"))],
+                    endless=True, shuffle=False, max_bad_run=50)
+    with pytest.raises(RuntimeError, match=r"50 samples in a row were unusable \({'failed_download': 50}\), the last "
+                                           r"'dead-00049' in .*dead.tar \(data.max_bad_run=50\)"):
         next(iter(StreamLoader(s, StreamProgress(), num_workers=0)))
 
 
@@ -270,3 +277,73 @@ def test_checkpoint_state_holds_every_ranks_streams():
     for p in procs:
         p.join(60)
     assert sorted(state["positions"]) == [0, 1, 2, 3] and state["positions"][2]["cursors"] == [[0, 1, 1]]
+
+
+def dead_shard(path, n=2500):
+    """A webdataset shard of nothing but failed downloads, as img2dataset writes for a dead host."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            add(tar, f"dead-{i:05d}.json", json.dumps({"url": f"https://dead.invalid/{i}.jpg", "key": f"dead-{i:05d}",
+                                                        "status": "failed_to_download", "error_message": "404"}).encode())
+    return str(path)
+
+
+def test_a_dead_shard_inside_good_data_is_skipped_and_counted(tokenizer, tmp_path):
+    good = export.write_webdataset(tmp_path, "train", 16, 1)[0]
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    source = WebDataset()
+    files = [good, dead_shard(tmp_path / "dead.tar"), str(empty)]
+    s = make_stream(tokenizer, [(source, source.shards(files, "train"))], endless=True, shuffle=True)
+    it = iter(StreamLoader(s, StreamProgress(), num_workers=0))
+    with pytest.warns(DataWarning, match="in a row were unusable"):
+        batches = [next(it) for _ in range(30)]  # 120 samples: 7 epochs of the good shard, past the dead one each time
+    skipped = sum((Counter(b.skipped) for b in batches), Counter())
+    assert skipped["failed_download"] >= 2 * 2500 and skipped["unreadable_shard"] >= 2
+    assert all(len(b) == 4 for b in batches)
+
+
+def test_a_whole_pass_with_nothing_usable_stops_naming_the_files(tokenizer, tmp_path):
+    from vlm.data.stream import DataError
+
+    source = WebDataset()
+    files = [dead_shard(tmp_path / "dead-0.tar", 30), dead_shard(tmp_path / "dead-1.tar", 30)]
+    s = make_stream(tokenizer, [(source, source.shards(files, "train"))], endless=True)
+    with pytest.raises(DataError, match=r"no usable sample in a whole pass .*dead-0.tar.*dead-1.tar.*failed_download=60"):
+        next(iter(StreamLoader(s, StreamProgress(), num_workers=0)))
+    finite = make_stream(tokenizer, [(source, source.shards(files, "train"))])
+    with pytest.raises(DataError, match="no usable sample"):
+        next(iter(StreamLoader(finite, None, num_workers=0)))
+
+
+@pytest.mark.parametrize("text", [42, 3.5, ["a", 7][1:], {"caption": "x"}])
+def test_a_caption_that_is_not_text_is_a_bad_caption(tokenizer, tmp_path, text):
+    from vlm.data.decode import BadSample
+
+    source, shards = web_shards(tmp_path, 2, 1)
+    s = make_stream(tokenizer, [(source, shards)])
+    ex = {"key": "k", "image": next(export.scenes("train", 1))[1], "text": text}
+    with pytest.raises(BadSample) as e:
+        s.prepare(ex)
+    assert e.value.reason == "bad_caption"
+
+
+def test_degenerate_boxes_are_dropped_and_counted(tokenizer, tmp_path):
+    """Inverted, outside the image, NaN: each such box is dropped and counted; its sample stays."""
+    (key, jpg, meta) = next(export.scenes("train", 1))
+    bad = [[30, 30, 10, 10], [5000, 5000, 6000, 6000], [float("nan"), 1, 20, 20], [1, 1, float("inf"), 9]]
+    path = tmp_path / "boxes-00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, (boxes, labels) in enumerate([(meta["boxes"] + bad, meta["labels"] + [0, 1, 2, 3]), (bad[:1], [5]),
+                                              ([[1, 2, 3]], [0])]):
+            add(tar, f"s{i}.jpg", jpg)
+            add(tar, f"s{i}.json", json.dumps({"caption": "a scene.", "boxes": boxes, "labels": labels}).encode())
+    source = WebDataset()
+    s = make_stream(tokenizer, [(source, source.shards(str(path), "train"))], batch_size=3, shuffle=False)
+    (batch,) = one_pass(s, 0)
+    assert batch.keys == ["s0", "s1", "s2"]
+    assert batch.skipped == {"bad_boxes": 4 + 1 + 1}
+    assert len(batch.boxes[0]) == len(meta["boxes"]) and batch.box_labels[0].tolist() == meta["labels"]
+    assert batch.boxes[1].shape == (0, 4) and batch.boxes[2].shape == (0, 4) and batch.box_labels[1].shape == (0,)
+    b = batch.boxes[0]
+    assert torch.isfinite(b).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()

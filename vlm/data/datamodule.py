@@ -3,13 +3,15 @@ resumable mid-epoch; `LogSkipped` logs what it dropped."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
+from annotated_types import Ge, Interval
 
-from vlm.config import ConfigError
 from vlm.data.collate import Batch, Collator
 from vlm.data.decode import REASONS
 from vlm.data.regions import RegionFile
@@ -18,6 +20,7 @@ from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
 from vlm.data.synthetic import SyntheticData
 from vlm.data.tokenizer import load_tokenizer, train_wordpiece
 from vlm.data.transforms import build_transform
+from vlm.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -58,21 +61,22 @@ class ImageTextDataModule(L.LightningDataModule):
         source: Source | None = None,
         mix: dict[str, MixPart] | None = None,
         tokenizer: str | None = None,
-        batch_size: int = 64,
-        micro_batch_size: int | None = None,
-        num_workers: int = 2,
-        image_size: int = 384,
-        max_size: int | None = None,
-        size_divisor: int = 32,
-        max_text_len: int = 40,
-        mlm_prob: float = 0.15,
-        itm_neg_fraction: float = 0.5,
-        augment: str = "none",
+        batch_size: Annotated[int, Ge(1)] = 64,
+        micro_batch_size: Annotated[int, Ge(1)] | None = None,
+        num_workers: Annotated[int, Ge(0)] = 2,
+        image_size: Annotated[int, Ge(1)] = 384,
+        max_size: Annotated[int, Ge(1)] | None = None,
+        size_divisor: Annotated[int, Ge(1)] = 32,
+        max_text_len: Annotated[int, Ge(2)] = 40,
+        mlm_prob: Annotated[float, Interval(ge=0, le=1)] = 0.15,
+        itm_neg_fraction: Annotated[float, Interval(ge=0, le=1)] = 0.5,
+        augment: Literal["none", "randaugment"] = "none",
         shuffle: bool = True,
         seed: int = 0,
-        max_caption_chars: int = 2000,
-        min_image_side: int = 8,
-        max_aspect: float = 10.0,
+        max_caption_chars: Annotated[int, Ge(1)] = 2000,
+        min_image_side: Annotated[int, Ge(1)] = 8,
+        max_aspect: Annotated[float, Ge(1)] = 10.0,
+        max_bad_run: Annotated[int, Ge(1)] | None = None,
         generate: SyntheticData | None = None,
         region_features: str | None = None,
     ):
@@ -95,7 +99,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.image_size, self.max_size, self.size_divisor, self.augment = image_size, max_size, size_divisor, augment
         self.max_text_len, self.mlm_prob, self.itm_neg_fraction = max_text_len, mlm_prob, itm_neg_fraction
-        self.checks = {"max_caption_chars": max_caption_chars, "min_image_side": min_image_side, "max_aspect": max_aspect}
+        self.checks = {"max_caption_chars": max_caption_chars, "min_image_side": min_image_side, "max_aspect": max_aspect,
+                       "max_bad_run": max_bad_run}
         self.generate = generate
         self.region_features = region_features
         self.progress = StreamProgress()
@@ -112,6 +117,10 @@ class ImageTextDataModule(L.LightningDataModule):
             )
         self.device_batch_size = micro
         return self.batch_size // (micro * devices)
+
+    def train_layout(self, world: int = 1) -> dict:
+        """What a training data position depends on: ranks, workers per rank, shards per data set."""
+        return {"world": world, "workers": max(1, self.num_workers), "shards": [len(s) for _, s in self.sources("train")]}
 
     def has_split(self, split: str) -> bool:
         """Whether any part names files for ``split`` (the end-of-run test runs only where there is one)."""
@@ -142,7 +151,12 @@ class ImageTextDataModule(L.LightningDataModule):
             self.generate.ensure()
         path = self._tokenizer_dir()
         if self.tokenizer_path is None and not path.exists():
-            train_wordpiece(self._texts(), path)
+            texts = self._texts()
+            first = next(texts, None)
+            if first is None:
+                raise DataError("no caption to train a tokenizer on in data.train_files (the shards are unreadable or "
+                                "hold no text): fix the files, or give one with data.tokenizer=DIR")
+            train_wordpiece(itertools.chain([first], texts), path)
 
     def _texts(self, limit: int = 200_000):
         parts = self.sources("train")
@@ -206,7 +220,8 @@ class ImageTextDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        return {"progress": self.progress.state_dict(), "skipped": {k: dict(v) for k, v in self.skipped.items()}}
+        return {"progress": self.progress.state_dict(), "skipped": {k: dict(v) for k, v in self.skipped.items()},
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.progress.load_state_dict(state["progress"])

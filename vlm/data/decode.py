@@ -11,8 +11,8 @@ from PIL import Image, ImageFile
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # far above any sane image, still a cap on decompression bombs
 
-# Every reason a sample (or a shard) is skipped; logged as data/skipped_<reason>. A fixed list, so that
-# every rank reduces the same vector of counts.
+# Every reason a sample is skipped (a shard, for unreadable_shard; a box, for bad_boxes); logged as
+# data/skipped_<reason>. A fixed list, so that every rank reduces the same vector of counts.
 REASONS = (
     "failed_download",  # img2dataset left only KEY.json with a non-success status
     "missing_image",  # no image field, or an image path that cannot be read
@@ -22,10 +22,11 @@ REASONS = (
     "tiny_image",  # a side shorter than min_side
     "extreme_aspect",  # longer side / shorter side above max_aspect
     "missing_caption",
-    "empty_caption",
+    "empty_caption",  # empty or whitespace only
+    "bad_caption",  # not text (a number, a dict, ...)
     "long_caption",
     "bad_json",  # KEY.json that does not parse to an object
-    "bad_boxes",  # boxes that are not [K, 4] numbers
+    "bad_boxes",  # counts boxes, not samples: NaN, inverted, outside the image, or not 4 numbers; the sample stays
     "no_regions",  # the region feature file (box_source=precomputed) has no boxes for the key
     "error",  # anything else a sample raised (warned once per process with the exception)
     "unreadable_shard",  # a whole shard (tar, parquet file, metadata table) that cannot be read; counts shards

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vlm.data.decode import BadSample
+from vlm.data.transforms import proper
 
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 SUFFIXES = (".tsv", ".h5", ".hdf5", ".npz")
@@ -103,7 +104,8 @@ class RegionFile:
 
     def sample_fields(self, key: str, height: int, width: int) -> dict:
         """What a sample of ``key`` whose transformed image is ``height`` x ``width`` carries: its boxes scaled to
-        that frame (per axis, as the resize did) and their features. Raises BadSample when the file has none.
+        that frame (per axis, as the resize did), their features, and how many boxes were unusable (``bad_boxes``).
+        Raises BadSample when the file has no usable box for the key.
 
         Precomputed features describe the un-augmented image, so only resizes can follow them.
         """
@@ -112,7 +114,11 @@ class RegionFile:
             raise BadSample("no_regions", key)
         scale = np.array([width / regions.width, height / regions.height] * 2, dtype=np.float32)
         boxes = torch.from_numpy(np.asarray(regions.boxes, dtype=np.float32) * scale)
-        return {"boxes": boxes, "box_labels": [-1] * len(boxes), "box_features": torch.from_numpy(np.asarray(regions.features))}
+        keep = proper(boxes)  # NaN, inverted or empty boxes are dropped with their features, and counted
+        if not keep.any():
+            raise BadSample("no_regions", f"{key}: none of its {len(boxes)} boxes is usable")
+        return {"boxes": boxes[keep], "box_labels": [-1] * int(keep.sum()),
+                "box_features": torch.from_numpy(np.asarray(regions.features))[keep], "bad_boxes": int((~keep).sum())}
 
 
 def _parse_tsv(line: bytes, path: str) -> Regions:

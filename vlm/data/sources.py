@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from math import ceil
@@ -26,6 +27,8 @@ from typing import Literal, NamedTuple
 from datasets import Features, Image, Value, load_dataset
 from datasets.packaged_modules.webdataset.webdataset import WebDataset as _HFWebDataset
 from datasets.utils.logging import disable_progress_bar
+
+from vlm.errors import DataWarning
 
 disable_progress_bar()
 
@@ -105,10 +108,10 @@ class Source(ABC):
         return shard.file
 
     def texts(self, shards: Sequence[Shard], limit: int = 200_000) -> Iterator[str]:
-        """Captions in shard order, for training a tokenizer."""
+        """Captions in shard order, for training a tokenizer; read as the stream reads (`read_shard`)."""
         n = 0
         for shard in shards:
-            for ex in self.read(shard):
+            for ex in read_shard(self, shard):
                 text = ex.get("text")
                 for t in text if isinstance(text, list) else [text]:
                     if isinstance(t, str) and t.strip():
@@ -116,6 +119,17 @@ class Source(ABC):
                         n += 1
                         if n >= limit:
                             return
+
+
+def read_shard(source: Source, shard: Shard) -> list[dict]:
+    """Every raw example of one shard, or one ``{"bad": "unreadable_shard"}`` example (and a warning) when the
+    shard as a whole cannot be read: a broken file costs that file, never the stream or the tokenizer."""
+    try:
+        return list(source.read(shard))
+    except Exception as e:
+        warnings.warn(f"skipping unreadable shard {source.describe(shard)}: {type(e).__name__}: {e}", DataWarning,
+                      stacklevel=2)
+        return [{"key": source.describe(shard), "bad": "unreadable_shard"}]
 
 
 class _TarShards(_HFWebDataset):

@@ -28,16 +28,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.data.collate import Batch
 from vlm.data.decode import BadSample, decode_image
-from vlm.data.sources import Shard, Source, read_bytes
-from vlm.data.transforms import to_boxes
+from vlm.data.sources import Shard, Source, read_bytes, read_shard
+from vlm.data.transforms import clean_boxes, proper
+from vlm.errors import ConfigError, DataError, DataWarning
 
 # first entries of the seeds of the stream's generators, so that no two of them coincide
 _SHARD_ORDER, _EXAMPLE_ORDER, _MIX, _CAPTION, _COLLATE = range(5)
 _MIX_BLOCK = 4096  # mixing choices drawn per generator
-
-
-class DataWarning(UserWarning):
-    """A data problem the run survives: an unreadable shard, an uneven shard layout, an unexpected sample error."""
+WARN_BAD_RUN = 1000  # unusable samples in a row that earn a warning (once per stream)
 
 
 def distributed() -> tuple[int, int]:
@@ -54,6 +52,11 @@ class ShardStream(IterableDataset):
     only; a finite stream reads its parts one after the other). ``endless``: start the next epoch when one
     ends (training; stop with ``trainer.max_steps``); otherwise one pass. ``regions``: a region feature file
     whose boxes and features replace each sample's (``box_source=precomputed``).
+
+    Unusable samples are skipped and counted, however many come in a row (a dead shard, a dead host); a long
+    run is warned about once. The stream stops (`DataError`, naming the files) only when it has read every
+    shard of every part since its last usable sample: a whole pass that gave nothing. ``max_bad_run``: stop
+    after that many unusable samples in a row instead (None: no such limit).
     """
 
     def __init__(
@@ -70,7 +73,7 @@ class ShardStream(IterableDataset):
         max_caption_chars: int = 2000,
         min_image_side: int = 8,
         max_aspect: float = 10.0,
-        max_bad_run: int = 2000,
+        max_bad_run: int | None = None,
         regions=None,
     ):
         super().__init__()
@@ -89,7 +92,7 @@ class ShardStream(IterableDataset):
         # set in the main process before workers start (see StreamProgress.begin / StreamLoader)
         self.starts: dict[int, dict] = {}
         self.offset, self.rank, self.world = 0, 0, 1
-        self._warned_error = False
+        self._warned_error = self._warned_run = False
 
     # ---- order -------------------------------------------------------------------------------------------
 
@@ -115,8 +118,10 @@ class ShardStream(IterableDataset):
                 f"shards are read by every stream, which keeps 1 in {streams} of their samples; write a multiple "
                 f"of {streams} shards")
 
-    def _part_examples(self, part: int, stream: int, streams: int, cursor: list[int]) -> Iterator[tuple[dict, list[int]]]:
-        """(raw example, cursor after it) of one part for one stream, from ``cursor`` = [epoch, plan step, offset]."""
+    def _part_examples(self, part: int, stream: int, streams: int, cursor: list[int],
+                       health: "_Health") -> Iterator[tuple[dict, list[int], int]]:
+        """(raw example, cursor after it, its shard) of one part for one stream, from ``cursor`` = [epoch, plan step,
+        offset]; ``health`` learns of each shard read from start to end without a usable sample."""
         source, shards = self.parts[part]
         epoch, step, offset = cursor
         while True:
@@ -125,13 +130,12 @@ class ShardStream(IterableDataset):
             for p in range(step, len(plan)):
                 shard, keep = plan[p]
                 start, offset = offset, 0  # only the first shard after a resume starts inside
-                try:
-                    rows = list(source.read(shards[shard]))
-                except Exception as e:  # an unreadable shard costs that shard, never the run
-                    warnings.warn(f"skipping unreadable shard {source.describe(shards[shard])}: {type(e).__name__}: {e}",
-                                  DataWarning, stacklevel=2)
+                usable = health.usable[part]
+                rows = read_shard(source, shards[shard])
+                if rows and rows[0].get("bad") == "unreadable_shard":
                     seen = True
-                    yield {"key": source.describe(shards[shard]), "bad": "unreadable_shard"}, [epoch, p + 1, 0]
+                    yield rows[0], [epoch, p + 1, 0], shard
+                    self._read_dry(part, shard, health)
                     continue
                 if self.shuffle:
                     perm = np.random.default_rng([self.seed, _EXAMPLE_ORDER, part, epoch, shard]).permutation(len(rows))
@@ -140,7 +144,9 @@ class ShardStream(IterableDataset):
                     rows = rows[keep::streams]
                 for i in range(start, len(rows)):
                     seen = True
-                    yield rows[i], ([epoch, p, i + 1] if i + 1 < len(rows) else [epoch, p + 1, 0])
+                    yield rows[i], ([epoch, p, i + 1] if i + 1 < len(rows) else [epoch, p + 1, 0]), shard
+                if start == 0 and health.usable[part] == usable:  # the whole shard (this stream's share) read, in vain
+                    self._read_dry(part, shard, health)
             if not self.endless:
                 return
             if fresh and not seen:
@@ -150,15 +156,15 @@ class ShardStream(IterableDataset):
                 )
             epoch, step = epoch + 1, 0
 
-    def _draws(self, stream: int, streams: int, state: dict) -> Iterator[tuple[dict, int]]:
-        """(raw example, epoch of its part), advancing ``state`` in place."""
+    def _draws(self, stream: int, streams: int, state: dict, health: "_Health") -> Iterator[tuple[dict, int, int, int]]:
+        """(raw example, epoch of its part, the part, its shard), advancing ``state`` in place."""
         cursors = state["cursors"]
-        its = [self._part_examples(j, stream, streams, cursors[j]) for j in range(len(self.parts))]
+        its = [self._part_examples(j, stream, streams, cursors[j], health) for j in range(len(self.parts))]
         if len(its) == 1 or not self.endless:
             for j, it in enumerate(its):
-                for ex, cursors[j] in it:
+                for ex, cursors[j], shard in it:
                     state["draws"] += 1
-                    yield ex, cursors[j][0]
+                    yield ex, cursors[j][0], j, shard
             return
         block, choices = -1, None
         while True:
@@ -168,9 +174,9 @@ class ShardStream(IterableDataset):
                 rng = np.random.default_rng([self.seed, _MIX, stream, block])
                 choices = rng.choice(len(self.parts), size=_MIX_BLOCK, p=self.probs)
             j = int(choices[k % _MIX_BLOCK])
-            ex, cursors[j] = next(its[j])
+            ex, cursors[j], shard = next(its[j])
             state["draws"] = k + 1
-            yield ex, cursors[j][0]
+            yield ex, cursors[j][0], j, shard
 
     # ---- samples -----------------------------------------------------------------------------------------
 
@@ -192,12 +198,16 @@ class ShardStream(IterableDataset):
         if isinstance(text, (list, tuple)):  # one sample per image with all its captions: draw one per epoch
             usable = [t for t in text if isinstance(t, str) and t.strip() and len(t) <= self.max_caption_chars]
             if not usable:
-                raise BadSample("missing_caption" if not text else "empty_caption")
+                given = [t for t in text if t is not None]
+                raise BadSample("missing_caption" if not given else "bad_caption" if not any(isinstance(t, str) for t in given)
+                                else "empty_caption")
             pick = np.random.default_rng([self.seed, _CAPTION, epoch, zlib.crc32(key.encode())]).integers(len(usable))
             return usable[int(pick)], usable
         if text is None:
             raise BadSample("missing_caption")
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise BadSample("bad_caption", type(text).__name__)
+        if not text.strip():
             raise BadSample("empty_caption")
         if len(text) > self.max_caption_chars:
             raise BadSample("long_caption", f"{len(text)} characters")
@@ -212,21 +222,18 @@ class ShardStream(IterableDataset):
         sample = {"key": str(ex["key"]), "text": text}
         if captions is not None:
             sample["captions"] = captions
-        if ex.get("boxes") is not None:
-            try:
-                boxes = to_boxes(ex["boxes"], img.height, img.width)
-                labels = ex.get("box_labels")
-                labels = torch.zeros(len(boxes), dtype=torch.int64) if labels is None else torch.as_tensor(labels, dtype=torch.int64)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise BadSample("bad_boxes", str(e)) from None
-            if labels.shape != (len(boxes),):
-                raise BadSample("bad_boxes", f"{len(boxes)} boxes, labels of shape {tuple(labels.shape)}")
+        if ex.get("boxes") is not None:  # bad boxes are dropped and counted (the sample's "bad_boxes"), not the sample
+            boxes, labels, sample["bad_boxes"] = clean_boxes(ex["boxes"], ex.get("box_labels"), img.height, img.width)
             sample["image"], boxes = self.transform(img, boxes)
-            sample["boxes"], sample["box_labels"] = boxes.as_subclass(torch.Tensor), labels
+            boxes = boxes.as_subclass(torch.Tensor)
+            kept = proper(boxes)  # an augmentation may carry a box out of the picture: not the data's fault
+            sample["boxes"], sample["box_labels"] = boxes[kept], labels[kept]
         else:
             sample["image"] = self.transform(img)
         if self.regions is not None:
-            sample.update(self.regions.sample_fields(ex["key"], *sample["image"].shape[-2:]))
+            fields = self.regions.sample_fields(ex["key"], *sample["image"].shape[-2:])
+            sample["bad_boxes"] = sample.get("bad_boxes", 0) + fields.pop("bad_boxes")
+            sample.update(fields)
         return sample
 
     # ---- batches -----------------------------------------------------------------------------------------
@@ -255,18 +262,18 @@ class ShardStream(IterableDataset):
             yield batch
 
     def _batches(self, stream: int, streams: int, state: dict) -> Iterator[Batch]:
-        buf, skipped, bad_run, pending = [], Counter(), 0, None
-        for ex, epoch in self._draws(stream, streams, state):
+        buf, skipped, pending = [], Counter(), None
+        health = _Health(len(self.parts))
+        for ex, epoch, part, shard in self._draws(stream, streams, state, health):
             try:
                 sample = self.prepare(ex, epoch)
             except BadSample as e:
                 skipped[e.reason] += 1
-                bad_run += 1
-                if bad_run >= self.max_bad_run:
-                    raise RuntimeError(f"{bad_run} samples in a row were unusable ({dict(skipped)}): "
-                                       "do the data config's keys match the files?") from None
+                health.bad(part, e.reason)
+                self._long_run(health, ex, part, shard)
                 continue
-            bad_run = 0
+            skipped["bad_boxes"] += sample.pop("bad_boxes", 0)
+            health.good(part)
             if pending is not None:  # a finite stream holds one batch back to give it the skips after it
                 yield pending
                 pending = None
@@ -287,8 +294,66 @@ class ShardStream(IterableDataset):
     def _batch(self, samples: list[dict], stream: int, state: dict, skipped: Counter) -> Batch:
         batch = self.collate(samples, np.random.default_rng([self.seed, _COLLATE, stream, state["draws"]]))
         batch.position = (stream, _copy(state))
-        batch.skipped = dict(skipped)
+        batch.skipped = {k: v for k, v in skipped.items() if v}
         return batch
+
+    def _files(self, part: int) -> str:
+        source, shards = self.parts[part]
+        names = [source.describe(s) for s in shards]
+        return ", ".join(names[:4]) + (f" (and {len(names) - 4} more)" if len(names) > 4 else "")
+
+    def _read_dry(self, part: int, shard: int, health: "_Health") -> None:
+        """A shard of ``part`` was read whole without a usable sample; once every shard has been, since the part's
+        last usable sample, a whole pass gave nothing: warn (a mixture goes on without it), or stop if no part is left."""
+        health.dry[part].add(shard)
+        if len(health.dry[part]) < len(self.parts[part][1]) or part in health.dead:
+            return
+        health.dead.add(part)
+        reasons = ", ".join(f"{r}={n}" for r, n in health.reasons[part].most_common())
+        if len(health.dead) == len(self.parts):
+            others = " and the other data sets" if len(self.parts) > 1 else ""
+            raise DataError(f"no usable sample in a whole pass over {self._files(part)}{others} ({reasons})")
+        warnings.warn(f"a whole pass over {self._files(part)} gave no usable sample ({reasons}): that data set "
+                      "adds nothing to the mixture", DataWarning, stacklevel=3)
+
+    def _long_run(self, health: "_Health", ex: dict, part: int, shard: int) -> None:
+        n = health.run
+        if self.max_bad_run is None and (n != WARN_BAD_RUN or self._warned_run):
+            return
+        source, shards = self.parts[part]
+        where = (f"{n} samples in a row were unusable ({dict(health.run_reasons)}), the last {ex.get('key')!r} "
+                 f"in {source.describe(shards[shard])}")
+        if self.max_bad_run is not None and n >= self.max_bad_run:
+            raise DataError(f"{where} (data.max_bad_run={self.max_bad_run})")
+        if n == WARN_BAD_RUN and not self._warned_run:
+            self._warned_run = True
+            warnings.warn(f"{where}: skipping and counting them (data.max_bad_run=N stops instead)", DataWarning,
+                          stacklevel=3)
+
+
+class _Health:
+    """What the batches tell the shard readers: usable samples per part, the shards read whole since the part's
+    last usable sample (``dry``), the parts a whole pass gave nothing (``dead``), and the current run of bad samples."""
+
+    def __init__(self, parts: int):
+        self.usable = [0] * parts
+        self.dry: list[set[int]] = [set() for _ in range(parts)]
+        self.reasons = [Counter() for _ in range(parts)]  # per part, since its last usable sample
+        self.dead: set[int] = set()
+        self.run, self.run_reasons = 0, Counter()
+
+    def good(self, part: int) -> None:
+        self.usable[part] += 1
+        self.dry[part].clear()
+        self.reasons[part].clear()
+        self.dead.discard(part)
+        self.run = 0
+        self.run_reasons.clear()
+
+    def bad(self, part: int, reason: str) -> None:
+        self.reasons[part][reason] += 1
+        self.run += 1
+        self.run_reasons[reason] += 1
 
 
 def _copy(state: dict | None) -> dict | None:
@@ -311,7 +376,7 @@ class StreamProgress:
         rank, world = distributed()
         layout = {"world": world, "workers": workers, "shards": [len(shards) for _, shards in stream.parts]}
         if self.positions and self.layout is not None and layout != self.layout:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's data position was written with {self.layout}, this run has {layout} "
                 "(world size, data.num_workers, shards per source): a position only has a meaning for the same layout"
             )

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -88,3 +89,29 @@ def build_transform(image_size: int = 384, max_size: int | None = None, size_div
 def to_boxes(boxes, height: int, width: int) -> tv_tensors.BoundingBoxes:
     t = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     return tv_tensors.BoundingBoxes(t, format="XYXY", canvas_size=(height, width))
+
+
+def proper(boxes: Tensor) -> Tensor:
+    """[K] bool: finite boxes of positive width and height (pixel xyxy)."""
+    return torch.isfinite(boxes).all(-1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def clean_boxes(boxes, labels, height: int, width: int) -> tuple[tv_tensors.BoundingBoxes, Tensor, int]:
+    """A source's boxes (pixel xyxy) and labels -> (the usable boxes clipped to the image, their labels, how many
+    were dropped). Dropped: NaN or infinite coordinates, inverted boxes, boxes with no area inside the image; all
+    of them when the field is not K x 4 numbers or the labels do not match. Missing labels are 0."""
+    try:
+        t = torch.as_tensor(boxes, dtype=torch.float32)
+        if t.numel() and (t.ndim != 2 or t.shape[1] != 4):
+            raise ValueError(f"boxes of shape {tuple(t.shape)}")
+        t = t.reshape(-1, 4)
+        lab = torch.zeros(len(t), dtype=torch.int64) if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+        if lab.shape != (len(t),):
+            raise ValueError(f"{len(t)} boxes, labels of shape {tuple(lab.shape)}")
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        n = len(boxes) if isinstance(boxes, (list, tuple)) else 1
+        return to_boxes([], height, width), torch.zeros(0, dtype=torch.int64), max(n, 1)
+    limits = t.new_tensor([width, height, width, height])
+    clipped = torch.minimum(t.nan_to_num(nan=-1.0).clamp(min=0), limits)
+    keep = proper(t) & proper(clipped)
+    return to_boxes(clipped[keep], height, width), lab[keep], int((~keep).sum())

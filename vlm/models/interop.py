@@ -168,14 +168,63 @@ def read_checkpoint(path: str | Path, num_heads: int | None = None, trust_pickle
     if "transformer.blocks.0.attn.qkv.weight" in state:
         return original_checkpoint(obj if "state_dict" in obj else {"state_dict": obj}, num_heads)
     if "model.blocks.0.attn.qkv.weight" in state:  # a training run of ours (a Lightning checkpoint)
-        tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-        return {"format": FORMAT, "source": "vlm", "config": None, "heads": {}, "state_dict": tensors}
+        return run_checkpoint(p, {k: v for k, v in state.items() if isinstance(v, Tensor)})
     if "blocks.0.attn.qkv.weight" in state and "patch_embed.proj.weight" in state:
         return vit_checkpoint(state, num_heads)
     raise ValueError(
         f"{path}: not a checkpoint this project reads (ours, a training run's, a transformers ViLT directory, "
         "an original ViLT .ckpt or a timm ViT state dict)"
     )
+
+
+def run_config(ckpt_path: str | Path) -> Path | None:
+    """The saved config of the run a training checkpoint belongs to: ``<run>/.hydra/config.yaml`` beside
+    ``<run>/checkpoints/``, if it is there."""
+    path = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    return path if path.is_file() else None
+
+
+def run_checkpoint(path: Path, state: dict[str, Tensor]) -> Checkpoint:
+    """Our checkpoint of a training run's Lightning checkpoint: the weights it holds, and the architecture and
+    heads its run's saved config describes (no config beside it: the weights alone, enough for ``init_from``)."""
+    cfg_file = run_config(path)
+    if cfg_file is None:
+        return {"format": FORMAT, "source": "vlm", "config": None, "heads": {}, "state_dict": state}
+    from omegaconf import OmegaConf
+
+    run = OmegaConf.load(cfg_file)
+    node = OmegaConf.to_container(run.model, resolve=True)
+    node["vocab_size"] = node.get("vocab_size") or state["model.text_embeddings.word_embeddings.weight"].shape[0]
+    node["init_from"] = None
+    try:
+        cfg = vilt_config(_meta(node))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    heads = _head_nodes(state, cfg["hidden_size"], cfg["vocab_size"], cfg["text_layer_norm_eps"])
+    kept = {k: v for k, v in state.items() if k.split(".", 1)[0] in ("model", *heads)}
+    left = sorted({k.split(".", 1)[0] for k in state} - {"model", *heads})
+    if left:
+        log.info("%s: left out %s (not a ViLT head this format holds)", path, ", ".join(left))
+    return {"format": FORMAT, "source": "vlm", "config": cfg, "heads": heads, "state_dict": kept}
+
+
+def _head_nodes(state: Mapping[str, Tensor], d: int, vocab: int, mlm_eps: float) -> dict[str, dict[str, Any]]:
+    """The node of each task head whose weights ``state`` holds (our names, as the original checkpoints')."""
+    heads = {}
+    if "itm_score.fc.weight" in state:
+        heads["itm_score"] = {"_target_": "vlm.models.heads.ITMHead", "hidden_size": d}
+    if "mlm_score.decoder.weight" in state:
+        heads["mlm_score"] = {"_target_": "vlm.models.heads.MLMHead", "hidden_size": d, "vocab_size": vocab, "eps": mlm_eps}
+    if "vqa_classifier.3.weight" in state:
+        heads["vqa_classifier"] = {"_target_": "vlm.models.heads.VQAHead", "hidden_size": d,
+                                   "num_labels": state["vqa_classifier.3.weight"].shape[0]}
+    if "nlvr2_classifier.3.weight" in state:
+        heads["nlvr2_classifier"] = {"_target_": "vlm.models.heads.NLVR2Head", "hidden_size": d,
+                                     "num_images": state["nlvr2_classifier.0.weight"].shape[1] // d,
+                                     "num_labels": state["nlvr2_classifier.3.weight"].shape[0]}
+    if "rank_output.weight" in state:
+        heads["rank_output"] = {"_target_": "vlm.models.heads.RankHead", "hidden_size": d}
+    return heads
 
 
 def load_file(path: Path, trust_pickle: bool = False) -> Any:
@@ -392,8 +441,8 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
 
     cfg = ckpt.get("config")
     if not cfg:
-        raise ValueError("the checkpoint does not record its architecture (a training checkpoint): convert it "
-                         "through a model of known config")
+        raise ValueError("the checkpoint does not record its architecture (a training checkpoint without its run's "
+                         ".hydra/config.yaml beside checkpoints/): convert it through a model of known config")
     classes = {name: arch for arch, (name, _) in _HF_TASKS.items()}
     exportable = [n for n in ckpt["heads"] if n in classes]
     if head is None:
@@ -426,6 +475,13 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
     if missing or unexpected:
         raise ValueError(f"{arch}: missing {_few(missing)}; unexpected {_few(unexpected)}")
     return hf.eval()
+
+
+def mlm_tied(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint's MLM decoder is its word-embedding table, as ``ViltForMaskedLM`` requires."""
+    state = ckpt["state_dict"]
+    return "mlm_score.decoder.weight" in state and torch.equal(
+        state["mlm_score.decoder.weight"], state["model.text_embeddings.word_embeddings.weight"])
 
 
 def from_hf_vilt(source, config=None) -> tuple[ViLT, dict[str, nn.Module]]:
@@ -520,22 +576,7 @@ def original_checkpoint(obj: Mapping[str, Any], num_heads: int | None = None) ->
     used: set[str] = set()
     ours = {f"model.{k}": _take(state, [_rename(k, _ORIGINAL_MODEL)], used, "original checkpoint")
             for k in _meta(cfg).state_dict()}
-    d = cfg["hidden_size"]
-    heads = {}
-    if "itm_score.fc.weight" in state:
-        heads["itm_score"] = {"_target_": "vlm.models.heads.ITMHead", "hidden_size": d}
-    if "mlm_score.decoder.weight" in state:
-        heads["mlm_score"] = {"_target_": "vlm.models.heads.MLMHead", "hidden_size": d,
-                              "vocab_size": cfg["vocab_size"], "eps": ORIGINAL_TEXT_EPS}
-    if "vqa_classifier.3.weight" in state:
-        heads["vqa_classifier"] = {"_target_": "vlm.models.heads.VQAHead", "hidden_size": d,
-                                   "num_labels": state["vqa_classifier.3.weight"].shape[0]}
-    if "nlvr2_classifier.3.weight" in state:
-        heads["nlvr2_classifier"] = {"_target_": "vlm.models.heads.NLVR2Head", "hidden_size": d,
-                                     "num_images": state["nlvr2_classifier.0.weight"].shape[1] // d,
-                                     "num_labels": state["nlvr2_classifier.3.weight"].shape[0]}
-    if "rank_output.weight" in state:
-        heads["rank_output"] = {"_target_": "vlm.models.heads.RankHead", "hidden_size": d}
+    heads = _head_nodes(state, cfg["hidden_size"], cfg.get("vocab_size"), ORIGINAL_TEXT_EPS)
     for name, node in heads.items():
         for key in _meta(node).state_dict():
             ours[f"{name}.{key}"] = _take(state, [f"{name}.{key}"], used, "original checkpoint")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -119,17 +121,17 @@ class ViLT(nn.Module):
     def __init__(
         self,
         embedder: VisualEmbedder,
-        vocab_size: int,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        max_text_len: int = 40,
-        dropout: float = 0.1,
-        layer_norm_eps: float = 1e-6,
-        text_layer_norm_eps: float = 1e-12,
+        vocab_size: Annotated[int, Ge(6)],
+        hidden_size: Annotated[int, Ge(1)] = 768,
+        num_layers: Annotated[int, Ge(1)] = 12,
+        num_heads: Annotated[int, Ge(1)] = 12,
+        mlp_ratio: Annotated[float, Gt(0)] = 4.0,
+        max_text_len: Annotated[int, Ge(2)] = 40,
+        dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.1,
+        layer_norm_eps: Annotated[float, Gt(0)] = 1e-6,
+        text_layer_norm_eps: Annotated[float, Gt(0)] = 1e-12,
         qkv_bias: bool = True,
-        num_modality_types: int = 2,
+        num_modality_types: Annotated[int, Ge(2)] = 2,
         init_from: str | None = None,
         compile: bool = False,
     ):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Annotated
 
 import lightning as L
 import torch
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -41,10 +43,10 @@ class PretrainLitModule(L.LightningModule):
         model: ViLT,
         objectives: dict[str, float] | None = None,
         optim: OptimConfig | None = None,
-        wpa_beta: float = 0.5,
-        wpa_iterations: int = 50,
-        wpa_inner_steps: int = 1,
-        mpp_prob: float = 0.15,
+        wpa_beta: Annotated[float, Gt(0)] = 0.5,
+        wpa_iterations: Annotated[int, Ge(1)] = 50,
+        wpa_inner_steps: Annotated[int, Ge(1)] = 1,
+        mpp_prob: Annotated[float, Interval(gt=0, le=1)] = 0.15,
     ):
         super().__init__()
         self.model = model

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from annotated_types import Ge
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,7 +42,8 @@ class VisualEmbedder(nn.Module, ABC):
     ``freeze`` stops its gradients; ``lr_mult`` scales its learning rate in the task's optimiser.
     """
 
-    def __init__(self, hidden_size: int, max_tokens: int = -1, freeze: bool = False, lr_mult: float = 1.0):
+    def __init__(self, hidden_size: Annotated[int, Ge(1)], max_tokens: int = -1, freeze: bool = False,
+                 lr_mult: Annotated[float, Ge(0)] = 1.0):
         super().__init__()
         self.hidden_size = hidden_size
         self.max_tokens = max_tokens

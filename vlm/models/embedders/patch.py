@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor, nn
 
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
@@ -21,13 +24,13 @@ class PatchEmbedder(VisualEmbedder):
 
     def __init__(
         self,
-        hidden_size: int,
-        patch_size: int = 32,
-        image_size: int = 384,
+        hidden_size: Annotated[int, Ge(1)],
+        patch_size: Annotated[int, Ge(1)] = 32,
+        image_size: Annotated[int, Ge(1)] = 384,
         max_tokens: int = 200,
-        in_chans: int = 3,
+        in_chans: Annotated[int, Ge(1)] = 3,
         freeze: bool = False,
-        lr_mult: float = 1.0,
+        lr_mult: Annotated[float, Ge(0)] = 1.0,
     ):
         super().__init__(hidden_size, max_tokens, freeze, lr_mult)
         self.patch_size = patch_size

@@ -1,0 +1,62 @@
+"""What a training checkpoint holds that a run resuming from it (``ckpt_path=``) must agree with.
+
+Checked before the model is built, so a mismatch stops the run at once, on one line naming the key, instead of
+inside Lightning's restore (where its clean-up raised over the real error) or, worse, silently: the data
+position only means something for the same layout of ranks, workers and shards, and for the same global batch;
+the learning-rate schedule keeps the horizon it was built with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from vlm.errors import ConfigError
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """A Lightning checkpoint of a `python -m vlm.train` run, loaded without running any pickled code."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"ckpt_path={path}: no such file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"ckpt_path={path}: not a readable training checkpoint ({type(e).__name__}: {first[:160]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise ConfigError(f"ckpt_path={path}: not a training checkpoint (resume from <run>/checkpoints/*.ckpt; "
+                          "weights of another kind start a new run with model.init_from=...)")
+    return ckpt
+
+
+def check_resume(cfg: DictConfig, ckpt: dict, streams: dict, schedule_steps: int | None) -> None:
+    """Raise ConfigError where ``cfg`` would resume ``ckpt`` differently from how it was written.
+
+    ``streams``: this run's data layout (``world``, ``workers``, ``shards``, as the data module records it);
+    ``schedule_steps``: the horizon this run's schedule would have.
+    """
+    where = f"ckpt_path={cfg.ckpt_path}"
+    data = next((v for k, v in ckpt.items() if isinstance(v, dict) and "progress" in v), None)
+    if data is not None:
+        written = data["progress"].get("layout")
+        if written is not None and data["progress"].get("positions") and written != streams:
+            keys = {"workers": "data.num_workers", "world": "trainer.devices x trainer.num_nodes",
+                    "shards": "data.train_files (shards per data set)"}
+            diff = [f"{keys[k]}: {written[k]} there, {streams[k]} here" for k in keys if written.get(k) != streams.get(k)]
+            raise ConfigError(f"{where}: its data position was written for another layout ({'; '.join(diff)}): "
+                              "resume with the same, or start anew from its weights with model.init_from=...")
+        batch = data.get("batch_size")
+        if batch is not None and batch != cfg.data.batch_size:
+            raise ConfigError(f"{where} was trained with data.batch_size={batch}, this run has {cfg.data.batch_size}: "
+                              f"resume with data.batch_size={batch} (its steps and schedule count batches of {batch})")
+    horizons = [lam.get("total") for s in ckpt.get("lr_schedulers") or [] for lam in s.get("lr_lambdas") or []
+                if isinstance(lam, dict)]
+    if horizons and schedule_steps is not None and horizons[0] != schedule_steps:
+        raise ConfigError(
+            f"{where}: its learning-rate schedule runs over {horizons[0]} steps, this run's over {schedule_steps} "
+            f"(trainer.max_steps={cfg.trainer.max_steps}), and the rate would jump at the resume: keep the checkpoint's "
+            f"with task.optim.steps={horizons[0]} (past it the rate stays at its end value), or start a new schedule "
+            "from its weights with model.init_from=...")
