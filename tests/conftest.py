@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from vlm.data.synthetic import SyntheticData
 from vlm.data.tokenizer import load_tokenizer
+from vlm.tasks.base import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,6 @@ def synthetic(tmp_path_factory) -> SyntheticData:
 @pytest.fixture(scope="session")
 def data_dir(synthetic) -> str:
     """A ``paths.data_dir`` whose ``synthetic/`` holds the small data set (pass the sizes too: see SMALL_DATA)."""
-    from pathlib import Path
-
     return str(Path(synthetic.root).parent)
 
 
@@ -65,7 +64,7 @@ def run_dir(data_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
     cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "task.objectives.mpp=1.0"], output_dir=str(run))
     tok = load_tokenizer(cfg.data.tokenizer)
-    task = instantiate(cfg.task, model=instantiate(cfg.model, vocab_size=len(tok)))
+    task = build_task(cfg.task, cfg.model, SimpleNamespace(vocab_size=len(tok), region_features=None))
     (run / ".hydra").mkdir()
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as Hydra saves it: interpolations unresolved
     (run / "checkpoints").mkdir()

@@ -14,7 +14,7 @@ def test_two_job_sweep_to_table_and_plots(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
     res = subprocess.run(
         [sys.executable, "-m", "vlm.train", "-m", "experiment=compare_embedders", "model/embedder=patch", "seed=0,1",
-         "debug=fdr", "logger=none", "evaluate.retrieval_pairs=16", f"paths.data_dir={data_dir}",
+         "debug=fdr", "logger=none", "task.retrieval_pairs=16", f"paths.data_dir={data_dir}",
          f"hydra.sweep.dir={sweep}", *SMALL_DATA],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )

@@ -7,12 +7,12 @@ import torch
 import transformers
 
 from tests.conftest import ROOT
-from tests.models.test_interop import make_hf, small_vit
+from tests.models.test_weights import make_hf, small_vit, started
 from vlm.convert import main
-from vlm.models import interop
+from vlm.models import weights
 from vlm.models.embedders.patch import PatchEmbedder
-from vlm.models.interop import read_checkpoint
 from vlm.models.vilt import ViLT
+from vlm.models.weights import read_checkpoint
 
 
 def test_hf_directory_through_our_checkpoint_and_back(tmp_path, capsys):
@@ -37,7 +37,7 @@ def test_vit_file_to_a_checkpoint_that_initialises_training(tmp_path):
 
     def fresh(init_from):
         emb = PatchEmbedder(48, patch_size=32, image_size=64)
-        return ViLT(emb, vocab_size=30, hidden_size=48, num_layers=2, num_heads=4, init_from=init_from)
+        return started(ViLT(emb, vocab_size=30, hidden_size=48, num_layers=2, num_heads=4), init_from)
 
     a, b = fresh(str(tmp_path / "vit.pt")), fresh(str(tmp_path / "vit.pth"))
     for k in ("blocks.1.attn.qkv.weight", "embedder.pos_embed", "embedder.proj.weight", "norm.bias", "cls_token"):
@@ -62,5 +62,5 @@ def test_a_training_checkpoint_converts_with_its_runs_config(run_dir, tmp_path, 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(hf.embeddings.patch_embeddings.projection.weight, state["model.embedder.proj.weight"])
     assert torch.equal(hf.encoder.layer[3].output.dense.weight, state["model.blocks.3.mlp.fc2.weight"])
-    model, heads = interop.build(read_checkpoint(tmp_path / "ours.pt"))
+    model, heads = weights.build(read_checkpoint(tmp_path / "ours.pt"))
     assert set(heads) == {"itm_score", "mlm_score"} and torch.equal(heads["itm_score"].fc.weight, state["itm_score.fc.weight"])

@@ -8,7 +8,6 @@ from tests.test_train import TINY
 from vlm.data.regions import RegionFile
 from vlm.train import train
 
-
 # one shard of each split, a small detector: the path, not the numbers
 DATA = ["data.train_files=${.generate.root}/train-00000.tar", "data.val_files=${.generate.root}/val-00000.tar"]
 DETECTOR = ["model.embedder.detector.box_score_thresh=0.0", "model.embedder.detector.returned_layers=[3,4]",

@@ -3,7 +3,6 @@
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -46,7 +45,7 @@ def test_short_run_logs_csv_metrics_and_resumes(data_dir, tmp_path):
     (and a callback set to null is left out)."""
     common = ["logger=csv", "callbacks.progress_bar=null", f"paths.data_dir={data_dir}", *SMALL_DATA, "trainer.val_check_interval=4",
               "data.batch_size=16", "data.num_workers=0", "trainer.log_every_n_steps=1"]
-    cfg = compose_config([*common, "trainer.max_steps=4", "task.optim.steps=8"], output_dir=str(tmp_path / "a"))
+    cfg = compose_config([*common, "trainer.max_steps=4", "task.scheduler.steps=8"], output_dir=str(tmp_path / "a"))
     train(cfg)
     rows = list(csv.DictReader(open(tmp_path / "a" / "csv" / "metrics.csv")))
     assert any(r.get("val/itm_acc") for r in rows) and any(r.get("train/loss_mlm") for r in rows)
@@ -63,7 +62,7 @@ def test_init_from_starts_model_and_heads_from_a_checkpoint(data_dir, tmp_path):
     import timm
     import torch
 
-    from vlm.models.interop import checkpoint, save_checkpoint
+    from vlm.models.weights import checkpoint, save_checkpoint
     from vlm.train import build
 
     common = [f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none"]
@@ -187,13 +186,13 @@ def degenerate_boxes(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("what", [["task=detection"], ["model/embedder=region", "model.embedder.box_source=data"]],
+@pytest.mark.parametrize("what", [["experiment=detection"], ["model/embedder=region", "model.embedder.box_source=data"]],
                          ids=["detection", "region"])
 def test_degenerate_boxes_train_instead_of_crashing(what, degenerate_boxes, synthetic, tmp_path, capsys):
     cfg = compose_config([*what, "data=webdataset", f"data.train_files={degenerate_boxes}/train-00000.tar",
                           f"data.val_files={degenerate_boxes}/val-00000.tar", f"data.tokenizer={synthetic.root}/tokenizer",
                           "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=8",
-                          "data.image_size=64", "data.max_size=96", "data.num_workers=0", "evaluate.test=false"],
+                          "data.image_size=64", "data.max_size=96", "data.num_workers=0", "task.test_split=false"],
                          output_dir=str(tmp_path))
     train(cfg)
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("skipped"))
@@ -224,7 +223,7 @@ def test_cli_trains_past_a_dead_shard_and_an_empty_one(tmp_path):
         [sys.executable, "-m", "vlm.train", "data=webdataset", f"data.train_files={shards}/train-{{00000..00002}}.tar",
          f"data.val_files={shards}/val-00000.tar", "logger=none", "callbacks.progress_bar=null", "trainer.max_steps=12",
          "trainer.val_check_interval=12", "data.batch_size=16", "data.image_size=64", "data.max_size=96",
-         "evaluate.test=false", f"hydra.run.dir={tmp_path / 'run'}"],
+         "task.test_split=false", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -235,7 +234,7 @@ def test_cli_trains_past_a_dead_shard_and_an_empty_one(tmp_path):
 
 
 RESUME = ["logger=none", "callbacks.progress_bar=null", *SMALL_DATA, "data.batch_size=8", "data.num_workers=2",
-          "trainer.val_check_interval=4", "+trainer.limit_val_batches=1", "evaluate.test=false"]
+          "trainer.val_check_interval=4", "+trainer.limit_val_batches=1", "task.test_split=false"]
 
 
 def test_resume_with_another_data_layout_or_batch_stops_at_start_on_one_line(data_dir, tmp_path):
@@ -271,20 +270,20 @@ def fit_recording_lr(cfg):
 
 def test_resume_with_a_new_max_steps_keeps_the_schedule_or_is_refused(data_dir, tmp_path):
     """The schedule's horizon is in the checkpoint: another trainer.max_steps is refused on one line, unless
-    task.optim.steps pins the horizon, which then resumes the very rate of the uninterrupted run."""
-    common = [*RESUME, f"paths.data_dir={data_dir}", "task.optim.warmup=2"]
+    task.scheduler.steps pins the horizon, which then resumes the very rate of the uninterrupted run."""
+    common = [*RESUME, f"paths.data_dir={data_dir}", "task.scheduler.warmup=2"]
     full = fit_recording_lr(compose_config([*common, "trainer.max_steps=8"], str(tmp_path / "full")))
-    fit_recording_lr(compose_config([*common, "trainer.max_steps=4", "task.optim.steps=8"], str(tmp_path / "a")))
+    fit_recording_lr(compose_config([*common, "trainer.max_steps=4", "task.scheduler.steps=8"], str(tmp_path / "a")))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match=r"schedule runs over 8 steps, this run's over 12 \(trainer.max_steps=12\).* "
-                                          r"task.optim.steps=8"):
+                                          r"task.scheduler.steps=8"):
         build(compose_config([*common, "trainer.max_steps=12", f"ckpt_path={last}"], str(tmp_path / "b")))
     # stop early at 6, on the 8-step schedule: the same rates as the uninterrupted run
-    rest = fit_recording_lr(compose_config([*common, "trainer.max_steps=6", "task.optim.steps=8", f"ckpt_path={last}"],
+    rest = fit_recording_lr(compose_config([*common, "trainer.max_steps=6", "task.scheduler.steps=8", f"ckpt_path={last}"],
                                            str(tmp_path / "c")))
     assert sorted(rest) == [4, 5] and all(rest[k] == pytest.approx(full[k], rel=1e-12) for k in rest), (rest, full)
     # go on past the horizon: the rate stays at its end value (0 here), it does not jump back up
-    longer = fit_recording_lr(compose_config([*common, "trainer.max_steps=10", "task.optim.steps=8", f"ckpt_path={last}"],
+    longer = fit_recording_lr(compose_config([*common, "trainer.max_steps=10", "task.scheduler.steps=8", f"ckpt_path={last}"],
                                              str(tmp_path / "d")))
     assert [longer[k] for k in sorted(longer)][:4] == pytest.approx([full[4], full[5], full[6], full[7]], rel=1e-12)
     assert longer[8] == longer[9] == 0.0

@@ -1,13 +1,16 @@
-"""Callbacks: what a comparison needs besides the metrics (speed, and metrics against wall-clock), and a
-model summary that prints only figures it computed."""
+"""Callbacks: what a comparison needs besides the metrics (speed, and metrics against wall-clock), progress that
+reads in a log file too, a learning-rate monitor that runs without a logger, and a model summary that prints
+only figures it computed."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
 import lightning as L
-from lightning.pytorch.callbacks import RichModelSummary
+from lightning.pytorch import callbacks
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 from rich import get_console
 from rich.table import Table
@@ -42,6 +45,11 @@ class Throughput(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.history.append({"step": trainer.global_step, "elapsed_s": time.perf_counter() - self._fit_start, **metrics})
+
+    @staticmethod
+    def history_of(trainer: L.Trainer) -> list[dict]:
+        """The validation history the run's Throughput callback kept (none: [])."""
+        return next((cb.history for cb in trainer.callbacks if isinstance(cb, Throughput)), [])
 
     def summary(self) -> dict[str, float]:
         if not self._steps:
@@ -82,3 +90,60 @@ class ModelSummary(RichModelSummary):
         console.print(
             f"[bold]Modules in train / eval mode[/]: {total_training_modes['train']} / {total_training_modes['eval']}"
         )
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar on a terminal. Elsewhere (nohup, a SLURM log, CI), where the bar shows nothing, a plain
+    line every ``every`` optimiser steps: step, loss, steps/s, time left; and one line of metrics per validation."""
+
+    def __init__(self, every: int = 50, **kwargs):
+        super().__init__(**kwargs)
+        self.every = every
+        self.lines = not sys.stdout.isatty()
+        if self.lines:
+            self.disable()
+        self._t0 = self._step0 = None
+
+    def _get_train_description(self, current_epoch: int) -> str:  # the run is counted in steps, not epochs
+        return "train"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+        if not self.lines:
+            super().on_train_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.lines:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step, total = trainer.global_step, trainer.max_steps
+        if step == self._step0 or (step % self.every and step != total) or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        rate = (step - self._step0) / max(time.perf_counter() - self._t0, 1e-9)
+        loss = trainer.callback_metrics.get("train/loss")
+        left = (total - step) / rate if rate > 0 and total > 0 else 0.0
+        print(f"step {step}/{total}" + (f"  loss {float(loss):.4f}" if loss is not None else "")
+              + f"  {rate:.2f} it/s  ETA {int(left // 60)}:{int(left % 60):02d}", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self.lines:
+            return super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        shown = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+        print(f"step {trainer.global_step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
+
+
+class LearningRateMonitor(callbacks.LearningRateMonitor):
+    """Lightning's learning-rate monitor, which does nothing (instead of stopping the run) without a logger."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

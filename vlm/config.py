@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import re
 import sys
 import types
 import typing
@@ -26,28 +27,30 @@ from omegaconf.errors import OmegaConfBaseException
 from vlm.errors import ConfigError, DataError
 
 
-def check(cfg: DictConfig, derived: frozenset[str] = frozenset(), path: str = "") -> None:
-    """Raise ConfigError for an unknown key or a wrongly typed value under any ``_target_`` node.
+def check(cfg: DictConfig, handled: frozenset[str] = frozenset(), path: str = "") -> None:
+    """Raise ConfigError for an unknown key, or a value of the wrong type or out of range, under any
+    ``_target_`` node.
 
-    ``derived``: keys that may be null because the entry point fills them in (``model.vocab_size``).
+    ``handled``: keys the entry point fills in or reads itself (`vlm.tasks.base.HANDLED`: ``model.vocab_size``,
+    ``model.init_from``, ``task.collate``): allowed where the target takes no such argument, and null.
     """
     if isinstance(cfg, ListConfig):
         for i, item in enumerate(cfg):
             if isinstance(item, (DictConfig, ListConfig)):
-                check(item, derived, f"{path}[{i}]")
+                check(item, handled, f"{path}[{i}]")
         return
     if not isinstance(cfg, DictConfig):
         return
     target = cfg.get("_target_")
     if target is not None:
-        _check_node(cfg, target, path, derived)
+        _check_node(cfg, target, path, handled)
     for key in cfg:
         value = cfg._get_node(key)
         if isinstance(value, (DictConfig, ListConfig)):
-            check(cfg[key], derived, f"{path}.{key}" if path else str(key))
+            check(cfg[key], handled, f"{path}.{key}" if path else str(key))
 
 
-def _check_node(cfg: DictConfig, target: str, path: str, derived: frozenset[str]) -> None:
+def _check_node(cfg: DictConfig, target: str, path: str, handled: frozenset[str]) -> None:
     try:
         obj = get_object(target)
     except Exception as e:
@@ -64,12 +67,12 @@ def _check_node(cfg: DictConfig, target: str, path: str, derived: frozenset[str]
             continue
         where = f"{path}.{key}" if path else str(key)
         if key not in params:
-            if open_ended:
+            if open_ended or where in handled:
                 continue
             raise ConfigError(f"unknown config key '{where}': {target} takes no argument '{key}'")
         if key in hints and not OmegaConf.is_missing(cfg, key):
             value = cfg[key]
-            if value is None and where in derived:
+            if value is None and where in handled:
                 continue
             if not _accepts(value, hints[key]):
                 raise ConfigError(f"config key '{where}' = {_show(value)}: expected {_name(hints[key])}")
@@ -106,6 +109,8 @@ def _accepts(value: Any, hint: Any) -> bool:
         return inner is None or all(_accepts(v, inner) for v in value)
     if origin in (dict, collections.abc.Mapping):
         return isinstance(value, (dict, DictConfig))
+    if getattr(hint, "__name__", None) == "Tensor" and getattr(hint, "__module__", "").startswith("torch"):
+        return False  # a config holds no tensor (a number passes through a `float | Tensor` union)
     return True  # classes and protocols: left to the target itself
 
 
@@ -137,6 +142,17 @@ def _name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def devices_of(trainer_cfg: DictConfig) -> int:
+    """How many processes the trainer runs (devices x nodes): the global batch is split over them."""
+    d = trainer_cfg.get("devices", 1)
+    n = len(d) if isinstance(d, (list, tuple)) or OmegaConf.is_list(d) else d
+    if n in ("auto", -1):
+        import torch
+
+        n = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") else 1
+    return max(1, int(n)) * int(trainer_cfg.get("num_nodes", 1))
+
+
 def check_run(cfg: DictConfig) -> None:
     """What a training run needs beyond each node's signature; raise ConfigError naming the key.
 
@@ -151,6 +167,11 @@ def check_run(cfg: DictConfig) -> None:
             what = "steps in the run" if key == "max_steps" else "steps between validations"
             raise ConfigError(f"config key 'trainer.{key}' = {_show(value)}: expected an int >= 1 ({what}; the "
                               "training stream has no epochs)")
+    optimizer = (cfg.get("task") or {}).get("optimizer") or {}
+    for key, low in (("lr", "> 0"), ("weight_decay", ">= 0")):
+        value = optimizer.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and (value > 0 if low == "> 0" else value >= 0)):
+            raise ConfigError(f"config key 'task.optimizer.{key}' = {_show(value)}: expected a float {low}")
     model = cfg.get("model") or {}
     width, heads = model.get("hidden_size"), model.get("num_heads")
     if isinstance(width, int) and isinstance(heads, int) and width % heads:
@@ -207,6 +228,29 @@ def one_line(e: BaseException) -> str:
         names = [ln for ln in lines[options + 1 :] if not ln.startswith(("Config search path", "provider="))]
         return f"{lines[0]}; {lines[options][0].lower()}{lines[options][1:]} {', '.join(names)}"
     return " ".join(lines[:2])
+
+
+@contextmanager
+def building(key: str):
+    """Map what goes wrong while building config node ``key`` (the data module, the model, the task) to one line
+    naming it: the layers raise plain ValueError / FileNotFoundError, the config knows where they came from."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except HydraException as e:  # an error inside a target's __init__, wrapped by instantiate
+        inner = e.__cause__
+        if isinstance(inner, (ValueError, FileNotFoundError)) and not isinstance(inner, OmegaConfBaseException):
+            raise ConfigError(_under(key, inner)) from None
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(_under(key, e)) from None
+
+
+def _under(key: str, e: BaseException) -> str:
+    """``key``'s error on one line: ``data`` + "train_files: no such file" -> "data.train_files: no such file"."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{key}.{text}" if re.match(r"[A-Za-z_][\w.]*[:=]", text) else f"{key}: {text}"
 
 
 REPORTED = (ConfigError, DataError, HydraException, OmegaConfBaseException)

@@ -6,7 +6,7 @@
     python -m vlm.convert --from CKPT --to-hf DIR           ours (or any of the above) as a transformers directory
 
 A checkpoint written with --out starts training: python -m vlm.train model.init_from=CKPT. The format is
-described in vlm/models/interop.py.
+described in vlm/models/weights/format.py.
 """
 
 from __future__ import annotations
@@ -16,24 +16,26 @@ import logging
 import sys
 from pathlib import Path
 
-from vlm.models import interop
+from vlm.models import weights
+from vlm.models.weights.files import state_dict_of
+from vlm.models.weights.original import original_checkpoint
+from vlm.models.weights.vit import vit_checkpoint
 
 
-def read(args: argparse.Namespace) -> interop.Checkpoint:
+def read(args: argparse.Namespace) -> weights.Checkpoint:
     if args.from_hf:
         if not Path(args.from_hf).is_dir():
             raise FileNotFoundError(f"--from-hf {args.from_hf}: not a directory")
-        ckpt = interop.hf_checkpoint(args.from_hf)
+        ckpt = weights.hf_checkpoint(args.from_hf)
     elif args.from_original:
-        obj = interop.load_file(Path(args.from_original), args.trust_pickle)
+        obj = weights.load_file(args.from_original, args.trust_pickle)
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise ValueError(f"--from-original {args.from_original}: no 'state_dict' in it (not a Lightning checkpoint)")
-        ckpt = interop.original_checkpoint(obj, args.num_heads)
+        ckpt = original_checkpoint(obj, args.num_heads)
     elif args.from_vit:
-        obj = interop.load_file(Path(args.from_vit), args.trust_pickle)
-        ckpt = interop.vit_checkpoint(obj.get("state_dict", obj.get("model", obj)), args.num_heads)
+        ckpt = vit_checkpoint(state_dict_of(weights.load_file(args.from_vit, args.trust_pickle)), args.num_heads)
     else:
-        ckpt = interop.read_checkpoint(args.from_any, args.num_heads, args.trust_pickle)
+        ckpt = weights.read_checkpoint(args.from_any, args.num_heads, args.trust_pickle)
     cfg = ckpt.get("config")
     if args.num_heads is not None and cfg:
         if cfg.get("num_heads") not in (None, args.num_heads):
@@ -42,7 +44,7 @@ def read(args: argparse.Namespace) -> interop.Checkpoint:
     return ckpt
 
 
-def describe(ckpt: interop.Checkpoint) -> str:
+def describe(ckpt: weights.Checkpoint) -> str:
     cfg = ckpt.get("config") or {}
     emb = cfg.get("embedder") or {}
     n = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("model."))
@@ -69,23 +71,23 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not (args.out or args.to_hf):
         p.error("nothing to write: give --out CKPT and/or --to-hf DIR")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # interop's notes: resizes, heads left out
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the weights' notes: resizes, heads left out
     try:
         ckpt = read(args)
         print(describe(ckpt))
         if args.out:
-            interop.save_checkpoint(ckpt, args.out)
+            weights.save_checkpoint(ckpt, args.out)
             print(f"wrote {args.out}")
         if args.to_hf:
             head = args.head
-            if head is None and "mlm_score" in ckpt["heads"] and not interop.mlm_tied(ckpt):
+            if head is None and "mlm_score" in ckpt["heads"] and not weights.mlm_tied(ckpt):
                 others = [h for h in ckpt["heads"] if h not in ("mlm_score", "itm_score")]
                 head = others[0] if len(others) == 1 else "none" if not others else None
                 print("left out mlm_score: transformers' ViltForMaskedLM ties its decoder to the word embeddings, "
                       "and this one's are not (--head mlm_score to try anyway)")
             if head == "none":
                 ckpt = {**ckpt, "heads": {}}
-            hf = interop.hf_model(ckpt, None if head == "none" else head)
+            hf = weights.hf_model(ckpt, None if head == "none" else head)
             hf.save_pretrained(args.to_hf)
             print(f"wrote {args.to_hf} ({type(hf).__name__})")
     except (ValueError, FileNotFoundError, KeyError) as e:

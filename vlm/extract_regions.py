@@ -5,7 +5,7 @@ projection) to a region feature file (`vlm.data.regions`: .tsv in the bottom-up-
 .npz), which ``model.embedder.box_source=precomputed data.region_features=FILE`` then streams with the
 samples instead of running trunk and detector in the loop. Overrides are the training config's; the
 default is ``model/embedder=region model.embedder.box_source=detector``, so with the detector of
-``task=detection``:
+``experiment=detection``:
 
     python -m vlm.extract_regions --out regions.h5 model.embedder.detector.weights=<detection run>/checkpoints/last.ckpt
 """
@@ -19,16 +19,20 @@ import torch
 from hydra.utils import instantiate
 
 from vlm.cli import compose_train
-from vlm.config import check, reported
+from vlm.config import building, check, reported
+from vlm.data.collate import ImageCollator
 from vlm.data.regions import Regions, write_regions
 from vlm.data.stream import StreamLoader
 from vlm.models.embedders.region import RegionEmbedder
+from vlm.models.weights import load_file
+from vlm.models.weights.files import state_dict_of
 from vlm.precision import fast_cpu_precision
+from vlm.tasks.base import HANDLED
 
 
 def load_embedder_state(embedder: torch.nn.Module, path: str) -> None:
     """The embedder's weights from a ``vlm.train`` checkpoint (keys ``model.embedder.*``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = state_dict_of(load_file(path))
     own = {k.removeprefix("model.embedder."): v for k, v in state.items() if k.startswith("model.embedder.")}
     if not own:
         raise ValueError(f"{path} holds no model.embedder.* weights")
@@ -62,12 +66,14 @@ def main() -> None:
     with reported("vlm.extract_regions"):
         cfg = compose_train(["model/embedder=region", "model.embedder.box_source=detector", *args.overrides])
         for node in ("model", "data"):
-            check(cfg[node], derived=frozenset({"model.vocab_size"}), path=node)
+            check(cfg[node], handled=HANDLED, path=node)
         if cfg.model.embedder.box_source == "precomputed":
             raise SystemExit("vlm.extract_regions: error: box_source=precomputed reads a feature file, it cannot write one")
-        dm = instantiate(cfg.data, batch_size=args.batch_size, micro_batch_size=None, shuffle=False, mlm_prob=0.0,
-                         itm_neg_fraction=0.0, region_features=None)
-        embedder = instantiate(cfg.model.embedder)
+        with building("data"):  # images and their boxes only: no text is read, no tokenizer trained
+            dm = instantiate(cfg.data, batch_size=args.batch_size, micro_batch_size=None, shuffle=False,
+                             collate=ImageCollator, region_features=None)
+        with building("model.embedder"):
+            embedder = instantiate(cfg.model.embedder)
     if args.ckpt:
         load_embedder_state(embedder, args.ckpt)
     embedder.eval()

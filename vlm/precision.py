@@ -30,6 +30,13 @@ def resolve(precision: str | int, accelerator: str | None = "cpu") -> str:
     return "bf16-mixed" if on_gpu or cpu_has_fast_bf16() else "32-true"
 
 
+def say_precision(trainer_cfg) -> None:
+    """On a CPU without native bf16, say so on the run's first line (the run is fp32, and why)."""
+    if trainer_cfg.get("accelerator") == "cpu" and str(trainer_cfg.get("precision")).startswith("32") \
+            and not cpu_has_fast_bf16():
+        print(f"precision: {trainer_cfg.precision} (this CPU has no native bf16, where bf16 runs ~100x slower)")
+
+
 def fast_cpu_precision() -> str:
     """``bf16`` or ``fp32``: the faster of the two on this CPU, for the benchmarks and tools outside Lightning."""
     return "bf16" if cpu_has_fast_bf16() else "fp32"

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from vlm.errors import ConfigError
+from vlm.models.weights import load_file
 
 
 def read_training_checkpoint(path: str) -> dict:
     """A Lightning checkpoint of a `python -m vlm.train` run, loaded without running any pickled code."""
-    p = Path(path).expanduser()
-    if not p.is_file():
+    if not Path(path).expanduser().is_file():
         raise ConfigError(f"ckpt_path={path}: no such file")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"ckpt_path={path}: not a readable training checkpoint ({type(e).__name__}: {first[:160]})") from None
+        ckpt = load_file(path)
+    except ValueError as e:
+        raise ConfigError(f"ckpt_path={e}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise ConfigError(f"ckpt_path={path}: not a training checkpoint (resume from <run>/checkpoints/*.ckpt; "
                           "weights of another kind start a new run with model.init_from=...)")
@@ -58,5 +56,5 @@ def check_resume(cfg: DictConfig, ckpt: dict, streams: dict, schedule_steps: int
         raise ConfigError(
             f"{where}: its learning-rate schedule runs over {horizons[0]} steps, this run's over {schedule_steps} "
             f"(trainer.max_steps={cfg.trainer.max_steps}), and the rate would jump at the resume: keep the checkpoint's "
-            f"with task.optim.steps={horizons[0]} (past it the rate stays at its end value), or start a new schedule "
+            f"with task.scheduler.steps={horizons[0]} (past it the rate stays at its end value), or start a new schedule "
             "from its weights with model.init_from=...")

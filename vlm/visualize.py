@@ -14,20 +14,22 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from vlm.config import ConfigError, check, reported
+from vlm.config import check, reported
+from vlm.errors import ConfigError
 from vlm.models.objectives import wpa_distance, wpa_masks
 
 
 def load_run(ckpt_path: str, config: str | None = None, tokenizer: str | None = None):
     """(task, tokenizer, data config) of a training run, weights from ``ckpt_path``, in eval mode on the CPU."""
     from vlm.data.tokenizer import load_tokenizer
-    from vlm.models.interop import run_config
+    from vlm.models.weights import load_file, run_config
+    from vlm.tasks.base import HANDLED, build_task
 
     ckpt = Path(ckpt_path)
     if not ckpt.is_file():
@@ -44,10 +46,12 @@ def load_run(ckpt_path: str, config: str | None = None, tokenizer: str | None = 
     if tok_path is None:
         raise ConfigError("tokenizer: the run's config names none; give tokenizer=<dir>")
     tok = load_tokenizer(tok_path)
-    check(OmegaConf.create({"model": cfg.model, "task": cfg.task}), derived=frozenset({"model.vocab_size"}))
-    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or len(tok))
-    task = instantiate(cfg.task, model=model)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    check(OmegaConf.masked_copy(cfg, ["model", "task"]), handled=HANDLED)
+    task = build_task(cfg.task, cfg.model, SimpleNamespace(vocab_size=len(tok), region_features=None), init=False)
+    try:
+        state = load_file(ckpt)
+    except ValueError as e:
+        raise ConfigError(f"ckpt_path={ckpt_path}: {e}") from None
     task.load_state_dict(state["state_dict"])
     return task.eval(), tok, cfg.data
 
@@ -61,7 +65,7 @@ def align(task, tokenizer, data_cfg: DictConfig, image, text: str) -> dict:
     """
     from PIL import Image
 
-    from vlm.data.transforms import build_transform
+    from vlm.data.transforms import build_transform, denormalize
 
     model = task.model
     if isinstance(image, Image.Image):
@@ -98,7 +102,7 @@ def align(task, tokenizer, data_cfg: DictConfig, image, text: str) -> dict:
         mass.append(plan[0, rows, 1:].sum(0))  # drop the image CLS column (it carries no mass)
     itm = torch.softmax(task.itm_score(out.pooler_output).float(), -1)[0, 1]
     return {
-        "image": (image[0] * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy(),
+        "image": denormalize(image[0]).clamp(0, 1).permute(1, 2, 0).numpy(),
         "boxes": visual.boxes[0].float(),
         "valid": visual.mask[0],
         "words": words,

@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from vlm.data.collate import Collator, itm_negatives, pad_images, whole_word_mask
+from vlm.data.collate import (
+    Collator,
+    ImageCollator,
+    PretrainCollator,
+    itm_negatives,
+    pad_images,
+    real_extent,
+    whole_word_mask,
+)
+from vlm.data.sample import Sample
 from vlm.data.tokenizer import train_wordpiece
 from vlm.models.objectives import IGNORE
 
@@ -74,11 +83,9 @@ def test_itm_negatives_half_with_another_image():
 
 
 def test_collator_builds_a_batch(tokenizer):
-    samples = [
-        {"key": f"k{i}", "image": torch.randn(3, 8 * (i + 1), 16), "text": " ".join(WORDS[: 3 + i]), "boxes": [[0, 0, 4, 4]], "box_labels": [1]}
-        for i in range(4)
-    ]
-    batch = Collator(tokenizer, max_text_len=10)(samples, np.random.default_rng(0))
+    samples = [Sample(f"k{i}", torch.randn(3, 8 * (i + 1), 16), " ".join(WORDS[: 3 + i]),
+                      boxes=torch.tensor([[0.0, 0, 4, 4]]), box_labels=torch.tensor([1])) for i in range(4)]
+    batch = PretrainCollator(tokenizer, max_text_len=10)(samples, np.random.default_rng(0))
     assert batch.keys == ["k0", "k1", "k2", "k3"]
     assert batch.images.shape == (4, 3, 32, 16) and batch.pixel_mask.shape == (4, 32, 16)
     assert batch.input_ids.shape[1] <= 10 and batch.input_ids.shape == batch.mlm_ids.shape == batch.mlm_labels.shape
@@ -86,3 +93,15 @@ def test_collator_builds_a_batch(tokenizer):
     assert batch.itm_labels.sum() == 2 and len(batch.boxes) == 4
     moved = batch.to("cpu")
     assert moved.keys == batch.keys and torch.equal(moved.images, batch.images)
+
+
+def test_each_collate_makes_only_what_its_task_reads(tokenizer):
+    """Detection's batch has no text (no tokenizer is needed), the plain collate no pretraining masks."""
+    samples = [Sample(f"k{i}", torch.randn(3, 16, 16), "a red circle.", boxes=torch.tensor([[0.0, 0, 4, 4]]),
+                      box_labels=torch.tensor([2])) for i in range(3)]
+    images = ImageCollator()(samples, np.random.default_rng(0))
+    assert images.input_ids is None and images.mlm_ids is None and images.box_labels[0].tolist() == [2]
+    text = Collator(tokenizer)(samples, np.random.default_rng(0))
+    assert text.input_ids.shape[0] == 3 and text.mlm_ids is None and text.itm_labels is None
+    h, w = real_extent(pad_images([torch.zeros(3, 8, 16), torch.zeros(3, 16, 4)])[1])
+    assert h.tolist() == [8, 16] and w.tolist() == [16, 4]

@@ -10,8 +10,10 @@ import pytest
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
-from vlm.config import ConfigError, check
+from vlm.config import check
 from vlm.data import export
+from vlm.errors import ConfigError
+from vlm.tasks.base import HANDLED
 from vlm.train import build
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "data").glob("*.yaml") if p.stem != "base")
@@ -38,7 +40,7 @@ def fit(shards, synthetic, out, max_steps, ckpt=None):
          f"data.tokenizer={synthetic.root}/tokenizer", "data.batch_size=4", "data.num_workers=2", "data.image_size=32",
          "data.max_size=64", "model=vilt_tiny", "trainer=cpu", f"trainer.max_steps={max_steps}",
          "trainer.val_check_interval=5", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=csv",
-         "task.optim.steps=12",  # the schedule of the whole run, interrupted or not
+         "task.scheduler.steps=12",  # the schedule of the whole run, interrupted or not
          f"ckpt_path={ckpt}" if ckpt else "ckpt_path=null"],
         output_dir=str(out),
     )
@@ -73,7 +75,7 @@ def test_every_data_config_composes_and_checks(name, tmp_path):
     if name == "mix":
         overrides += ["data.mix.web.train_files=x", "data.mix.coco.train_files=y"]
     cfg = compose_config(overrides, output_dir=str(tmp_path))
-    check(cfg, derived=frozenset({"model.vocab_size"}))
+    check(cfg, handled=HANDLED)
     assert cfg.data._target_ == "vlm.data.datamodule.ImageTextDataModule"
 
 
@@ -95,19 +97,23 @@ def test_mix_config_draws_from_both_parts(synthetic, tmp_path):
     assert len(val) == 2 * 5  # only coco has val files: 2 images x 5 captions
 
 
-def test_missing_files_and_conflicting_keys_are_config_errors(tmp_path):
+def test_missing_files_and_conflicting_keys_name_the_argument(tmp_path):
+    """The data layer's errors name the argument at fault; `build` (below) puts them under their config key."""
     from vlm.data.datamodule import ImageTextDataModule, MixPart
     from vlm.data.sources import WebDataset
 
     dm = ImageTextDataModule(train_files=f"{tmp_path}/none-*.tar", val_files=f"{tmp_path}/none-*.tar")
-    with pytest.raises(ConfigError, match="data.train_files: no file matches"):
+    with pytest.raises(FileNotFoundError, match="train_files: no file matches"):
         dm.sources("train")
-    with pytest.raises(ConfigError, match="data.train_files is not set"):
+    with pytest.raises(ValueError, match="train_files: not set"):
         ImageTextDataModule()
-    with pytest.raises(ConfigError, match="leave data.source and data.\\*_files unset"):
+    with pytest.raises(ValueError, match="leave source and \\*_files unset"):
         ImageTextDataModule(train_files="a", mix={"a": MixPart(WebDataset(), "a")})
-    with pytest.raises(ConfigError, match="data.mix.a.weight must be positive"):
+    with pytest.raises(ValueError, match="mix.a.weight: must be positive"):
         ImageTextDataModule(mix={"a": MixPart(WebDataset(), "a", weight=0.0)})
+    with pytest.raises(ConfigError, match=r"data\.mix\.web\.weight: must be positive"):
+        build(compose_config(["data=mix", "data.mix.web.train_files=a", "data.mix.coco.train_files=b",
+                              "data.mix.web.weight=0"], output_dir=str(tmp_path)))
 
 
 def test_a_run_on_missing_files_stops_at_start_naming_the_key(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlm.data.collate import Collator
+from vlm.data.collate import PretrainCollator
 from vlm.data.decode import BadSample
 from vlm.data.regions import RegionFile, Regions, write_regions
 from vlm.data.sources import WebDataset
@@ -52,7 +52,7 @@ def test_sample_fields_scale_boxes_to_the_transformed_frame(tmp_path):
     write_regions(path, iter([("a", Regions(np.array([[10, 20, 50, 40]], np.float32), np.ones((1, 3), np.float32), 100, 80))]))
     fields = RegionFile(path).sample_fields("a", height=160, width=50)
     assert fields["boxes"].tolist() == [[5.0, 40.0, 25.0, 80.0]]
-    assert fields["box_features"].shape == (1, 3) and fields["box_labels"] == [-1]
+    assert fields["box_features"].shape == (1, 3) and fields["box_labels"].tolist() == [-1] and fields["bad_boxes"] == 0
     with pytest.raises(BadSample, match="no_regions"):
         RegionFile(path).sample_fields("b", 10, 10)
 
@@ -74,7 +74,7 @@ def test_stream_joins_regions_by_key_and_counts_samples_without(synthetic, tmp_p
     path = tmp_path / "r.npz"
     write_regions(path, iter(items))
     tokenizer = load_tokenizer(synthetic.root + "/tokenizer")
-    stream = ShardStream([(source, shards)], build_transform(64, 96), Collator(tokenizer), batch_size=8, shuffle=False,
+    stream = ShardStream([(source, shards)], build_transform(64, 96), PretrainCollator(tokenizer), batch_size=8, shuffle=False,
                          regions=RegionFile(path))
     batches = list(stream)
     assert sum(b.skipped.get("no_regions", 0) for b in batches) == len(keys) - len(kept)

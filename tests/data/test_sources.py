@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlm.data import export
-from vlm.data.collate import Collator
+from vlm.data.collate import PretrainCollator
 from vlm.data.sources import CocoKarpathy, ImageFolder, Parquet, WebDataset, existing_files, expand_files
 from vlm.data.stream import DataWarning, ShardStream, StreamLoader
 from vlm.data.tokenizer import load_tokenizer
@@ -39,7 +39,7 @@ def formats(tmp_path_factory):
 
 
 def stream_all(tokenizer, source, shards, split="train"):
-    s = ShardStream([(source, shards)], build_transform(64, 96), Collator(tokenizer, 24), 4, shuffle=False)
+    s = ShardStream([(source, shards)], build_transform(64, 96), PretrainCollator(tokenizer, 24), 4, shuffle=False)
     return list(StreamLoader(s, None, num_workers=0))
 
 

@@ -12,7 +12,7 @@ import torch
 
 from vlm.data import export
 from vlm.data import stream as stream_module
-from vlm.data.collate import Collator
+from vlm.data.collate import PretrainCollator
 from vlm.data.sources import WebDataset
 from vlm.data.stream import DataWarning, ShardStream, StreamLoader, StreamProgress
 from vlm.data.tokenizer import load_tokenizer
@@ -30,7 +30,7 @@ def web_shards(tmp_path, n, shards, **damage):
 
 
 def make_stream(tokenizer, parts, batch_size=4, **kw):
-    return ShardStream(parts, build_transform(32, 64), Collator(tokenizer, 16), batch_size, **kw)
+    return ShardStream(parts, build_transform(32, 64), PretrainCollator(tokenizer, 16), batch_size, **kw)
 
 
 def one_pass(stream, workers, rank=0, world=1, monkeypatch=None):
@@ -210,10 +210,10 @@ def test_caption_lists_draw_one_caption_per_epoch(tokenizer, tmp_path):
     source, shards = web_shards(tmp_path, 2, 1)
     s = make_stream(tokenizer, [(source, shards)])
     ex = {"key": "k", "image": next(export.scenes("train", 1))[1], "text": ["one.", "two.", "three.", "", None]}
-    picks = [s.prepare(ex, epoch)["text"] for epoch in range(30)]
+    picks = [s.prepare(ex, epoch)[0].text for epoch in range(30)]
     assert set(picks) == {"one.", "two.", "three."}
-    assert picks == [s.prepare(ex, epoch)["text"] for epoch in range(30)]  # a function of (seed, epoch, key)
-    assert s.prepare(ex, 0)["captions"] == ["one.", "two.", "three."]
+    assert picks == [s.prepare(ex, epoch)[0].text for epoch in range(30)]  # a function of (seed, epoch, key)
+    assert s.prepare(ex, 0)[0].captions == ["one.", "two.", "three."]
 
 
 def test_order_depends_on_seed_only_through_the_generators(tokenizer, tmp_path):

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from tests.models.test_base import SMALL_DETECTOR
-from vlm.models.detector import build_detector, load_detector_weights
+from vlm.models.detector import build_detector
 
 
 def test_resnet50_fpn_config_is_torchvisions_fasterrcnn_resnet50_fpn():

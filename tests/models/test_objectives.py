@@ -1,4 +1,4 @@
-"""WPA (IPOT) against a float64 transcription of SPEC §3, MPP targets, and the losses' signs and scales."""
+"""WPA (IPOT) against a float64 transcription of ViLT's IPOT loop, MPP targets, and the losses' signs and scales."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from vlm.models.objectives import IGNORE, choose_masked, ipot, mpp_targets, wpa_
 
 
 def ipot_reference(cost: torch.Tensor, beta: float, iterations: int, inner_steps: int) -> torch.Tensor:
-    """SPEC §3 for one example, on its valid rows and columns only, in float64: cost [n_text, n_img]."""
+    """ViLT's IPOT (Kim et al. 2021, §3.2, and its public code) for one example, on its valid rows and columns only, in float64: cost [n_text, n_img]."""
     c = cost.double()
     n_text, n_img = c.shape
     a = torch.exp(-c.T / beta)  # n_img x n_text

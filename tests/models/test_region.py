@@ -12,7 +12,7 @@ def images_and_mask(b=2, h=96, w=128):
 
 
 def test_roi_align_known_answer():
-    # SPEC §7 (Detectron2's tests): arange(25) as a 5x5 map, box [1, 1, 3, 3], 4x4 output
+    # Detectron2's RoIAlign tests: arange(25) as a 5x5 map, box [1, 1, 3, 3], 4x4 output
     x = torch.arange(25.0).reshape(1, 1, 5, 5)
     box = torch.tensor([[0.0, 1.0, 1.0, 3.0, 3.0]])
     assert roi_align(x, box, 4, aligned=False)[0, 0, 0].tolist() == [7.5, 8, 8.5, 9]

@@ -3,6 +3,7 @@ import torch
 
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.vilt import ViLT
+from vlm.tasks.base import build_model
 
 
 def tiny(**kw) -> ViLT:
@@ -56,12 +57,11 @@ def test_text_longer_than_position_table_is_an_error():
 
 def test_vilt_base_has_the_parameters_of_transformers_vilt():
     """model=vilt_base is ViLT-B/32: exactly as many parameters as transformers' ViltModel(ViltConfig())."""
-    from hydra.utils import instantiate
     from transformers import ViltConfig, ViltModel
 
     from tests.conftest import compose_config
 
-    ours = instantiate(compose_config(["model=vilt_base"]).model)
+    ours, _ = build_model(compose_config(["model=vilt_base"]).model)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_hf = sum(p.numel() for p in ViltModel(ViltConfig()).parameters())
     assert n_ours == n_hf

@@ -6,7 +6,7 @@ from tests.conftest import SMALL_DATA, compose_config
 from tests.models.test_base import SMALL_DETECTOR
 from vlm.data.collate import Batch
 from vlm.models.embedders.region import RegionEmbedder
-from vlm.tasks.detection import DetectionLitModule, detector_inputs
+from vlm.tasks.detection import detector_inputs
 from vlm.train import train
 
 
@@ -25,7 +25,7 @@ def test_detector_inputs_undo_normalisation_and_padding_and_shift_labels():
 
 def test_detection_task_trains_reports_map_and_its_checkpoint_loads_into_the_region_embedder(data_dir, tmp_path):
     cfg = compose_config(
-        ["task=detection", "logger=csv", f"paths.data_dir={data_dir}", *SMALL_DATA, "data.batch_size=4",
+        ["experiment=detection", "logger=csv", f"paths.data_dir={data_dir}", *SMALL_DATA, "data.batch_size=4",
          "data.image_size=64", "data.max_size=96", "data.num_workers=0", "trainer.max_steps=3",
          "trainer.val_check_interval=3", "+trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "model.returned_layers=[3,4]",
          "model.fpn_channels=32", "model.representation_size=32", "model.anchor_sizes=[32,64,128]"],

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import SMALL_DATA, compose_config
-from vlm.bench import synthetic_batch
-from vlm.models.embedders.base import VisualTokens
+from vlm.data.synthetic import random_batch as synthetic_batch
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.vilt import ViLT
 from vlm.tasks.pretrain import PretrainLitModule
@@ -86,13 +85,29 @@ def test_mpp_masks_visual_content_but_keeps_positions():
     assert out["mpp_logits"].shape == (int(changed.sum()), 512)
 
 
-def test_mpp_needs_token_positions():
-    t = task(mpp=1.0)
-    t.model.embedder.forward = lambda images, pixel_mask, boxes=None, box_features=None: VisualTokens(
-        torch.zeros(images.shape[0], 3, 32), torch.ones(images.shape[0], 3, dtype=torch.bool)
-    )
-    with pytest.raises(ValueError, match="MPP needs token positions"):
-        t.compute(batch())
+def test_mpp_needs_token_positions_and_says_so_when_the_task_is_built():
+    from vlm.models.embedders.grid import GridEmbedder
+
+    model = ViLT(GridEmbedder(hidden_size=32), vocab_size=60, hidden_size=32, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match="MPP reads the visual tokens' pos, which GridEmbedder does not give"):
+        PretrainLitModule(model, objectives={"itm": 1.0, "mpp": 0.1})
+    PretrainLitModule(model, objectives={"itm": 1.0, "mpp": 0.0})  # without MPP the grid is fine
+
+
+def test_mpp_on_grid_fails_at_start_on_one_line(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "vlm.train", "model/embedder=grid", "task.objectives.mpp=0.1", "debug=fdr",
+                          "logger=none", f"paths.data_dir={data_dir}", *SMALL_DATA, f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlm.train: error: task.objectives.mpp=0.1: MPP reads") \
+        and "GridEmbedder does not give" in lines[0], res.stderr
+    assert "Epoch" not in res.stdout and "train/loss" not in res.stdout  # not one step was taken
 
 
 def test_run_logs_every_objective_and_the_transport_distances(data_dir, tmp_path):

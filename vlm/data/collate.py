@@ -1,13 +1,21 @@
-"""Samples -> `Batch`: pad images with a pixel mask, tokenise, mask words for MLM, draw ITM negatives."""
+"""`Sample`s -> `Batch`: each task's collate, named in its config (``task.collate``).
+
+`ImageCollator` pads images with a pixel mask and keeps their boxes (detection); `Collator` also tokenises the
+text; `PretrainCollator` also masks whole words for MLM and draws ITM negatives. Images are padded bottom/right,
+so `real_extent` reads each one's size back from the mask.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Annotated
 
 import numpy as np
 import torch
+from annotated_types import Ge, Interval
 from torch import Tensor
 
+from vlm.data.sample import Sample
 from vlm.models.objectives import IGNORE
 
 
@@ -22,8 +30,8 @@ class Batch:
     keys: list[str]
     images: Tensor  # [B, 3, H, W]
     pixel_mask: Tensor  # [B, H, W] bool, True = real pixel
-    input_ids: Tensor  # [B, L]
-    attention_mask: Tensor  # [B, L]
+    input_ids: Tensor | None = None  # [B, L]
+    attention_mask: Tensor | None = None  # [B, L]
     mlm_ids: Tensor | None = None  # input_ids with whole words masked
     mlm_labels: Tensor | None = None  # original ids at masked positions, IGNORE elsewhere
     itm_index: Tensor | None = None  # [B]
@@ -48,6 +56,14 @@ class Batch:
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
+def rows_of(batch: Batch, k: int) -> Batch:
+    """The first ``k`` samples of a batch (what a pass that reads part of the batch sees)."""
+    def cut(v):
+        return v[:k] if isinstance(v, (Tensor, list)) else v
+
+    return replace(batch, **{f.name: cut(getattr(batch, f.name)) for f in fields(batch) if f.name not in ("position", "skipped")})
+
+
 def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Pad bottom/right to the largest height and width in the batch; the mask marks real pixels."""
     h = max(im.shape[1] for im in images)
@@ -58,6 +74,11 @@ def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
         out[i, :, : im.shape[1], : im.shape[2]] = im
         mask[i, : im.shape[1], : im.shape[2]] = True
     return out, mask
+
+
+def real_extent(pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's real (unpadded) height and width in pixels, [B] each: images are padded bottom/right."""
+    return pixel_mask[:, :, 0].sum(1), pixel_mask[:, 0, :].sum(1)
 
 
 def whole_word_mask(
@@ -117,36 +138,57 @@ def itm_negatives(n: int, rng: np.random.Generator, fraction: float = 0.5) -> tu
     return torch.from_numpy(index), torch.from_numpy(labels)
 
 
-class Collator:
-    """Builds `Batch`es from transformed samples ``{key, image, text, boxes?, box_labels?}``."""
+class ImageCollator:
+    """Padded images, their pixel mask and their boxes (with labels, and features from a region file): what a
+    task that reads no text needs (``task=detection``)."""
 
-    def __init__(self, tokenizer, max_text_len: int = 40, mlm_prob: float = 0.15, itm_neg_fraction: float = 0.5):
+    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> Batch:
+        images, pixel_mask = pad_images([s.image for s in samples])
+        batch = Batch(keys=[s.key for s in samples], images=images, pixel_mask=pixel_mask)
+        if any(s.boxes is not None for s in samples):  # a mixture may give boxes to some samples only: none is [0, 4]
+            batch.boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
+            batch.box_labels = [s.box_labels if s.box_labels is not None else torch.zeros(0, dtype=torch.int64)
+                                for s in samples]
+        if samples[0].box_features is not None:
+            batch.box_features = [torch.as_tensor(s.box_features) for s in samples]
+        return batch
+
+
+class Collator(ImageCollator):
+    """`ImageCollator`'s batch and the text, tokenised (at most ``max_text_len`` tokens, padded to the longest)."""
+
+    def __init__(self, tokenizer, max_text_len: Annotated[int, Ge(2)] = 40):
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
-        self.mlm_prob = mlm_prob
-        self.itm_neg_fraction = itm_neg_fraction
+
+    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> Batch:
+        return self.with_text(samples, rng)[0]
+
+    def with_text(self, samples: list[Sample], rng: np.random.Generator):
+        """The batch and the tokenizer's encoding (its word ids mark whole words)."""
+        batch = super().__call__(samples, rng)
+        encoding = self.tokenizer([s.text for s in samples], padding="longest", truncation=True,
+                                  max_length=self.max_text_len, return_tensors="pt")
+        batch.input_ids, batch.attention_mask = encoding["input_ids"], encoding["attention_mask"]
+        return batch, encoding
+
+
+class PretrainCollator(Collator):
+    """`Collator`'s batch, whole words masked for MLM (``mlm_prob`` of the tokens) and ``itm_neg_fraction`` of the
+    texts shown another sample's image for ITM (Kim et al. 2021, ViLT, §3.2)."""
+
+    def __init__(self, tokenizer, max_text_len: Annotated[int, Ge(2)] = 40,
+                 mlm_prob: Annotated[float, Interval(ge=0, le=1)] = 0.15,
+                 itm_neg_fraction: Annotated[float, Interval(ge=0, le=1)] = 0.5):
+        super().__init__(tokenizer, max_text_len)
+        self.mlm_prob, self.itm_neg_fraction = mlm_prob, itm_neg_fraction
         self.special_ids = set(tokenizer.all_special_ids)
         self.vocab_size = len(tokenizer)
 
-    def __call__(self, samples: list[dict], rng: np.random.Generator) -> Batch:
-        images, pixel_mask = pad_images([s["image"] for s in samples])
-        enc = self.tokenizer(
-            [s["text"] for s in samples], padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt"
-        )
-        batch = Batch(
-            keys=[s["key"] for s in samples],
-            images=images,
-            pixel_mask=pixel_mask,
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-        )
-        if any("boxes" in s for s in samples):  # a mixture may give boxes to some samples only: none is [0, 4]
-            batch.boxes = [torch.as_tensor(s.get("boxes", []), dtype=torch.float32).reshape(-1, 4) for s in samples]
-            batch.box_labels = [torch.as_tensor(s.get("box_labels", []), dtype=torch.int64) for s in samples]
-        if "box_features" in samples[0]:
-            batch.box_features = [torch.as_tensor(s["box_features"]) for s in samples]
+    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> Batch:
+        batch, encoding = self.with_text(samples, rng)
         if self.mlm_prob > 0:
-            word_ids = [enc.word_ids(i) for i in range(len(samples))]
+            word_ids = [encoding.word_ids(i) for i in range(len(samples))]
             batch.mlm_ids, batch.mlm_labels = whole_word_mask(
                 batch.input_ids, word_ids, rng, self.tokenizer.mask_token_id, self.special_ids, self.vocab_size, self.mlm_prob
             )

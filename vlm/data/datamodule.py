@@ -1,18 +1,20 @@
-"""`ImageTextDataModule`: streamed image-text pairs for pretraining, from one source or a weighted mixture,
-resumable mid-epoch; `LogSkipped` logs what it dropped."""
+"""`ImageTextDataModule`: streamed image-text samples from one source or a weighted mixture, batched by the
+task's collate, resumable mid-epoch; `LogSkipped` logs what it dropped."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
 import lightning as L
 import torch
-from annotated_types import Ge, Interval
+from annotated_types import Ge
 
-from vlm.data.collate import Batch, Collator
+from vlm.data.collate import Batch, Collator, ImageCollator
 from vlm.data.decode import REASONS
 from vlm.data.regions import RegionFile
 from vlm.data.sources import Shard, Source, WebDataset, expand_files
@@ -20,7 +22,7 @@ from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
 from vlm.data.synthetic import SyntheticData
 from vlm.data.tokenizer import load_tokenizer, train_wordpiece
 from vlm.data.transforms import build_transform
-from vlm.errors import ConfigError, DataError
+from vlm.errors import DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -39,7 +41,7 @@ class MixPart:
 
 
 class ImageTextDataModule(L.LightningDataModule):
-    """Image-text files -> `Batch`es with MLM masks and ITM negatives.
+    """Image-text files -> `Sample`s -> the `Batch`es the task's ``collate`` makes of them.
 
     Either ``train_files`` / ``val_files`` / ``test_files`` (globs and ``{00000..00099}`` ranges) in the layout
     ``source`` reads (default: webdataset tars), or ``mix``: named `MixPart`s sampled by weight.
@@ -50,7 +52,9 @@ class ImageTextDataModule(L.LightningDataModule):
     with captions longer than ``max_caption_chars``, images with a side under ``min_image_side`` or an
     aspect ratio above ``max_aspect`` are skipped and counted.
     ``region_features``: a region feature file (`vlm.data.regions`) whose boxes and features replace each
-    sample's boxes (for ``box_source=precomputed``); samples it lacks are skipped and counted.
+    sample's boxes (for ``box_source=precomputed``); samples it lacks are skipped and counted. ``collate``: a
+    partial that makes the batch maker, given the tokenizer where it takes one (the task's, ``task.collate``;
+    None: images and tokenised text, `Collator`). Errors name the argument at fault (``train_files: ...``).
     """
 
     def __init__(
@@ -61,15 +65,13 @@ class ImageTextDataModule(L.LightningDataModule):
         source: Source | None = None,
         mix: dict[str, MixPart] | None = None,
         tokenizer: str | None = None,
+        collate: Callable[..., ImageCollator] | None = None,
         batch_size: Annotated[int, Ge(1)] = 64,
         micro_batch_size: Annotated[int, Ge(1)] | None = None,
         num_workers: Annotated[int, Ge(0)] = 2,
         image_size: Annotated[int, Ge(1)] = 384,
         max_size: Annotated[int, Ge(1)] | None = None,
         size_divisor: Annotated[int, Ge(1)] = 32,
-        max_text_len: Annotated[int, Ge(2)] = 40,
-        mlm_prob: Annotated[float, Interval(ge=0, le=1)] = 0.15,
-        itm_neg_fraction: Annotated[float, Interval(ge=0, le=1)] = 0.5,
         augment: Literal["none", "randaugment"] = "none",
         shuffle: bool = True,
         seed: int = 0,
@@ -84,21 +86,21 @@ class ImageTextDataModule(L.LightningDataModule):
         self.mixed = bool(mix)
         if mix:
             if any(f is not None for f in (train_files, val_files, test_files)) or source is not None:
-                raise ConfigError("data.mix gives each part its own source and files: leave data.source and data.*_files unset")
+                raise ValueError("mix: gives each part its own source and files: leave source and *_files unset")
             self.parts = {name: part for name, part in dict(mix).items()}
             for name, part in self.parts.items():
                 if not part.weight > 0:
-                    raise ConfigError(f"data.mix.{name}.weight must be positive, got {part.weight}")
+                    raise ValueError(f"mix.{name}.weight: must be positive, got {part.weight}")
         else:
             if train_files is None:
-                raise ConfigError("data.train_files is not set (or give data.mix)")
+                raise ValueError("train_files: not set (or give mix)")
             self.parts = {"data": MixPart(source or WebDataset(), train_files, val_files, test_files)}
         self.tokenizer_path = tokenizer
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.device_batch_size = micro_batch_size or batch_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.image_size, self.max_size, self.size_divisor, self.augment = image_size, max_size, size_divisor, augment
-        self.max_text_len, self.mlm_prob, self.itm_neg_fraction = max_text_len, mlm_prob, itm_neg_fraction
+        self.collate = collate or Collator
         self.checks = {"max_caption_chars": max_caption_chars, "min_image_side": min_image_side, "max_aspect": max_aspect,
                        "max_bad_run": max_bad_run}
         self.generate = generate
@@ -112,9 +114,7 @@ class ImageTextDataModule(L.LightningDataModule):
         """Fix the per-device batch for ``devices`` and return the gradient accumulation that keeps the global batch."""
         micro = self.micro_batch_size or self.batch_size // devices
         if micro < 1 or self.batch_size % (micro * devices):
-            raise ValueError(
-                f"data.batch_size={self.batch_size} is not a multiple of micro_batch_size={micro} x {devices} devices"
-            )
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={micro} x {devices} devices")
         self.device_batch_size = micro
         return self.batch_size // (micro * devices)
 
@@ -134,17 +134,23 @@ class ImageTextDataModule(L.LightningDataModule):
             if files is None:
                 continue
             if (name, split) not in self._shards:
-                key = f"data.mix.{name}.{split}_files" if self.mixed else f"data.{split}_files"
+                key = f"mix.{name}.{split}_files" if self.mixed else f"{split}_files"
                 try:
                     self._shards[(name, split)] = part.source.shards(files, split)
                 except (FileNotFoundError, KeyError) as e:
-                    raise ConfigError(f"{key}: {e.args[0] if e.args else e}") from None
+                    raise FileNotFoundError(f"{key}: {e.args[0] if e.args else e}") from None
                 if not self._shards[(name, split)]:
-                    raise ConfigError(f"{key}: {files!r} holds no samples")
+                    raise FileNotFoundError(f"{key}: {files!r} holds no samples")
             out.append((part.source, self._shards[(name, split)]))
         if not out:
-            raise ConfigError(f"data.{split}_files is not set")
+            raise FileNotFoundError(f"{split}_files: not set")
         return out
+
+    def check_files(self) -> None:
+        """List every split's shards now (they are cached), so that a missing file stops the run at its start."""
+        for split in SPLITS:
+            if self.has_split(split):
+                self.sources(split)
 
     def prepare_data(self) -> None:
         if self.generate is not None:
@@ -169,7 +175,7 @@ class ImageTextDataModule(L.LightningDataModule):
         first = next(iter(self.parts.values())).train_files
         files = expand_files(first)
         if not files:
-            raise ConfigError(f"no training file matches {first!r}")
+            raise FileNotFoundError(f"train_files: no file matches {first!r}")
         return Path(files[0]).parent / "tokenizer"
 
     @property
@@ -188,12 +194,17 @@ class ImageTextDataModule(L.LightningDataModule):
         (one plain pass over every sample, as feature extraction wants)."""
         train = split == "train" and not one_pass
         parts = self.sources(split)
-        collate = Collator(self.tokenizer, self.max_text_len, self.mlm_prob, self.itm_neg_fraction)
+        takes_text = "tokenizer" in inspect.signature(self.collate).parameters
+        collate = self.collate(tokenizer=self.tokenizer) if takes_text else self.collate()
         transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none")
         weights = [p.weight for p in self.parts.values()] if train else None
         return ShardStream(parts, transform, collate, self.device_batch_size, seed=self.seed,
                            shuffle=self.shuffle and train, endless=train, weights=weights, **self.checks,
                            regions=RegionFile(self.region_features) if self.region_features else None)
+
+    def example_batch(self, split: str = "val") -> Batch:
+        """The split's first batch, read in this process from a fresh one-pass stream (for cost counts)."""
+        return next(iter(StreamLoader(self.stream(split, one_pass=True), None, num_workers=0)))
 
     def _loader(self, split: str, progress: StreamProgress | None = None) -> StreamLoader:
         on_start = None if progress is not None else self.skipped.setdefault(split, Counter()).clear

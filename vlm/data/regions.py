@@ -1,7 +1,7 @@
 """Region features stored per image key, joined to the samples as they stream.
 
-Three layouts, chosen by the file's suffix, all with the same fields per image (SPEC §7, bottom-up
-attention): ``image_id, image_w, image_h, num_boxes, boxes [K, 4] pixel xyxy in the image_w x image_h
+Three layouts, chosen by the file's suffix, all with the same fields per image (bottom-up attention,
+Anderson et al. 2018): ``image_id, image_w, image_h, num_boxes, boxes [K, 4] pixel xyxy in the image_w x image_h
 frame, features [K, F]``.
 
 - ``.tsv``: bottom-up attention's own, one line per image, tab-separated, arrays base64-encoded float32.
@@ -117,7 +117,7 @@ class RegionFile:
         keep = proper(boxes)  # NaN, inverted or empty boxes are dropped with their features, and counted
         if not keep.any():
             raise BadSample("no_regions", f"{key}: none of its {len(boxes)} boxes is usable")
-        return {"boxes": boxes[keep], "box_labels": [-1] * int(keep.sum()),
+        return {"boxes": boxes[keep], "box_labels": torch.full((int(keep.sum()),), -1, dtype=torch.int64),
                 "box_features": torch.from_numpy(np.asarray(regions.features))[keep], "bad_boxes": int((~keep).sum())}
 
 

@@ -5,7 +5,7 @@ read on their own â€” a tar, a parquet row group, a slice of a metadata table â€
 ``read(shard)`` yields that unit's raw examples::
 
     {"key": str, "image": bytes | None, "image_path": str (instead of bytes), "text": str | list[str] | None,
-     "boxes": [[x1, y1, x2, y2], ...], "box_labels": [...], "bad": reason}
+     "boxes": [[x1, y1, x2, y2], ...], "box_labels": [...], "extra": {the record's other fields}, "bad": reason}
 
 Which shards a worker reads and in which order is `ShardStream`'s business, and decoding is
 `vlm.data.decode`'s: a source never decodes an image, so one broken file costs one sample. A source marks
@@ -194,6 +194,8 @@ class WebDataset(Source):
             if self.boxes_key in meta:
                 out["boxes"] = meta[self.boxes_key]
                 out["box_labels"] = meta.get(self.labels_key)
+            used = (self.caption_key, self.boxes_key, self.labels_key, self.status_key)
+            out["extra"] = {k: v for k, v in meta.items() if k not in used}
             yield out
 
 

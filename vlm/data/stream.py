@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.data.collate import Batch
 from vlm.data.decode import BadSample, decode_image
+from vlm.data.sample import Sample
 from vlm.data.sources import Shard, Source, read_bytes, read_shard
 from vlm.data.transforms import clean_boxes, proper
 from vlm.errors import ConfigError, DataError, DataWarning
@@ -180,8 +181,8 @@ class ShardStream(IterableDataset):
 
     # ---- samples -----------------------------------------------------------------------------------------
 
-    def prepare(self, ex: dict, epoch: int = 0) -> dict:
-        """Raw example -> transformed sample; raises BadSample naming why not."""
+    def prepare(self, ex: dict, epoch: int = 0) -> tuple[Sample, int]:
+        """Raw example -> (transformed sample, how many of its boxes were dropped); raises BadSample naming why not."""
         try:
             return self._prepare(ex, epoch)
         except BadSample:
@@ -213,28 +214,26 @@ class ShardStream(IterableDataset):
             raise BadSample("long_caption", f"{len(text)} characters")
         return text, None
 
-    def _prepare(self, ex: dict, epoch: int) -> dict:
+    def _prepare(self, ex: dict, epoch: int) -> tuple[Sample, int]:
         if ex.get("bad"):
             raise BadSample(ex["bad"])
         text, captions = self._caption(ex, epoch)
         data = read_bytes(ex["image_path"]) if "image_path" in ex else ex.get("image")
         img = decode_image(data, self.min_image_side, self.max_aspect)
-        sample = {"key": str(ex["key"]), "text": text}
-        if captions is not None:
-            sample["captions"] = captions
-        if ex.get("boxes") is not None:  # bad boxes are dropped and counted (the sample's "bad_boxes"), not the sample
-            boxes, labels, sample["bad_boxes"] = clean_boxes(ex["boxes"], ex.get("box_labels"), img.height, img.width)
-            sample["image"], boxes = self.transform(img, boxes)
+        sample, dropped = Sample(str(ex["key"]), None, text, captions, extra=dict(ex.get("extra") or {})), 0
+        if ex.get("boxes") is not None:  # bad boxes are dropped and counted, not their sample
+            boxes, labels, dropped = clean_boxes(ex["boxes"], ex.get("box_labels"), img.height, img.width)
+            sample.image, boxes = self.transform(img, boxes)
             boxes = boxes.as_subclass(torch.Tensor)
             kept = proper(boxes)  # an augmentation may carry a box out of the picture: not the data's fault
-            sample["boxes"], sample["box_labels"] = boxes[kept], labels[kept]
+            sample.boxes, sample.box_labels = boxes[kept], labels[kept]
         else:
-            sample["image"] = self.transform(img)
+            sample.image = self.transform(img)
         if self.regions is not None:
-            fields = self.regions.sample_fields(ex["key"], *sample["image"].shape[-2:])
-            sample["bad_boxes"] = sample.get("bad_boxes", 0) + fields.pop("bad_boxes")
-            sample.update(fields)
-        return sample
+            regions = self.regions.sample_fields(ex["key"], *sample.image.shape[-2:])
+            sample.boxes, sample.box_labels, sample.box_features = regions["boxes"], regions["box_labels"], regions["box_features"]
+            dropped += regions["bad_boxes"]
+        return sample, dropped
 
     # ---- batches -----------------------------------------------------------------------------------------
 
@@ -266,13 +265,13 @@ class ShardStream(IterableDataset):
         health = _Health(len(self.parts))
         for ex, epoch, part, shard in self._draws(stream, streams, state, health):
             try:
-                sample = self.prepare(ex, epoch)
+                sample, dropped = self.prepare(ex, epoch)
             except BadSample as e:
                 skipped[e.reason] += 1
                 health.bad(part, e.reason)
                 self._long_run(health, ex, part, shard)
                 continue
-            skipped["bad_boxes"] += sample.pop("bad_boxes", 0)
+            skipped["bad_boxes"] += dropped
             health.good(part)
             if pending is not None:  # a finite stream holds one batch back to give it the skips after it
                 yield pending
@@ -291,7 +290,7 @@ class ShardStream(IterableDataset):
         elif buf and not self.drop_last:
             yield self._batch(buf, stream, state, skipped)
 
-    def _batch(self, samples: list[dict], stream: int, state: dict, skipped: Counter) -> Batch:
+    def _batch(self, samples: list[Sample], stream: int, state: dict, skipped: Counter) -> Batch:
         batch = self.collate(samples, np.random.default_rng([self.seed, _COLLATE, stream, state["draws"]]))
         batch.position = (stream, _copy(state))
         batch.skipped = {k: v for k, v in skipped.items() if v}

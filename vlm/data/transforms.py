@@ -1,4 +1,5 @@
-"""Image transforms (SPEC §2) on torchvision transforms v2, so boxes follow every resize and flip."""
+"""Image transforms on torchvision transforms v2, so boxes follow every resize and flip; the normalisation every
+model and tool shares (`MEAN`, `STD`, `denormalize`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
+
+# pixel normalisation (Kim et al. 2021, ViLT, and its public code: mean = std = 0.5 per channel)
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def denormalize(images: Tensor) -> Tensor:
+    """Normalised images [..., 3, H, W] back to RGB in [0, 1] (what torchvision's detectors take): the inverse of
+    the transform's normalisation."""
+    mean = images.new_tensor(MEAN)[:, None, None]
+    std = images.new_tensor(STD)[:, None, None]
+    return images * std + mean
 
 
 def resized_shape(h: int, w: int, shorter: int, longer: int, divisor: int) -> tuple[int, int]:
@@ -80,7 +93,7 @@ def build_transform(image_size: int = 384, max_size: int | None = None, size_div
         MinMaxResize(image_size, max_size, size_divisor),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        v2.Normalize(mean=list(MEAN), std=list(STD)),
         v2.ClampBoundingBoxes(),
     ]
     return v2.Compose(steps)

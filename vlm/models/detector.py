@@ -1,7 +1,7 @@
-"""Faster R-CNN (torchvision), sized by config: the model of ``task=detection`` and the box proposer of the
+"""Faster R-CNN (torchvision), sized by config: the model of ``experiment=detection`` and the box proposer of the
 region embedder (``box_source=detector``).
 
-Built untrained (nothing is downloaded); ``weights`` loads a ``task=detection`` checkpoint or a
+Built untrained (nothing is downloaded); ``weights`` loads an ``experiment=detection`` checkpoint or a
 torchvision-format state dict (e.g. ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`` with
 ``backbone=resnet50 returned_layers=[1,2,3,4] fpn_channels=256 representation_size=1024 num_classes=91``,
 which is exactly ``fasterrcnn_resnet50_fpn``).
@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
@@ -94,8 +93,10 @@ def build_detector(
 
 
 def load_detector_weights(model: nn.Module, path: str) -> None:
-    """Load a ``task=detection`` checkpoint (keys ``detector.*``) or a torchvision-format state dict."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load an ``experiment=detection`` checkpoint (keys ``detector.*``) or a torchvision-format state dict."""
+    from vlm.models.weights.files import load_file
+
+    state = load_file(path)
     if "state_dict" in state:  # a Lightning checkpoint of DetectionLitModule
         state = {k.removeprefix("detector."): v for k, v in state["state_dict"].items() if k.startswith("detector.")}
     try:

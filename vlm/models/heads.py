@@ -1,4 +1,4 @@
-"""Task heads on top of ViLT's outputs (SPEC §3, §5); parameter names follow the original checkpoints, so
+"""Task heads on top of ViLT's outputs (Kim et al. 2021, ViLT, §3.2, §4.2); parameter names follow the original checkpoints, so
 weights load by name (``itm_score.fc``, ``mlm_score.transform.dense``, ``vqa_classifier.0``, ...)."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class MPPHead(nn.Module):
 
 
 class VQAHead(nn.Sequential):
-    """VQA answer classifier on the pooled output (SPEC §5): Linear(D, 2D) - LayerNorm - GELU - Linear(2D, answers).
+    """VQA answer classifier on the pooled output (Kim et al. 2021, §4.2): Linear(D, 2D) - LayerNorm - GELU - Linear(2D, answers).
 
     A ``Sequential`` so its parameters are named ``0``, ``1``, ``3`` as in the original checkpoints
     (``vqa_classifier.*``) and ``transformers`` (``classifier.*``). ``labels``: the answer of each class.
@@ -72,7 +72,7 @@ class VQAHead(nn.Sequential):
 
 
 class NLVR2Head(nn.Sequential):
-    """NLVR2 classifier (SPEC §5) on the pooled outputs of one pass per image, concatenated: [B, num_images * D]."""
+    """NLVR2 classifier (Kim et al. 2021, §4.2, the "pair" method) on the pooled outputs of one pass per image, concatenated: [B, num_images * D]."""
 
     def __init__(self, hidden_size: int, num_images: int = 2, num_labels: int = 2, labels: list[str] | None = None):
         width = num_images * hidden_size
@@ -89,7 +89,7 @@ class RankHead(nn.Linear):
 
     @classmethod
     def from_itm(cls, itm: ITMHead) -> "RankHead":
-        """ViLT's start for retrieval fine-tuning: the ITM head's "match" row (SPEC §5)."""
+        """ViLT's start for retrieval fine-tuning: the ITM head's "match" row (Kim et al. 2021, §4.3)."""
         head = cls(itm.fc.in_features)
         with torch.no_grad():
             head.weight.copy_(itm.fc.weight[1:])

@@ -1,10 +1,13 @@
-"""Pretraining losses (SPEC §3). Heads live in heads.py; these turn their outputs into numbers to minimise."""
+"""Pretraining losses (Kim et al. 2021, ViLT, §3.2). Heads live in heads.py; these turn their outputs into numbers
+to minimise."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vlm.data.transforms import denormalize
 
 IGNORE = -100  # label of positions that carry no MLM / MPP target
 
@@ -39,11 +42,12 @@ def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-5) -> Tensor:
 def ipot(
     cost: Tensor, text_mask: Tensor, image_mask: Tensor, beta: float = 0.5, iterations: int = 50, inner_steps: int = 1
 ) -> Tensor:
-    """Inexact proximal point optimal transport (SPEC §3), batched over examples of ragged lengths.
+    """Inexact proximal point optimal transport (Xie et al. 2020, IPOT; as ViLT's WPA, Kim et al. 2021 §3.2),
+    batched over examples of ragged lengths.
 
     cost [B, n_text, n_img]; text_mask [B, n_text] and image_mask [B, n_img], True where a token takes
     part. Returns the plan [B, n_text, n_img] in fp32: on each example's valid rows and columns exactly
-    the iteration of the spec (A = exp(-C^T / beta), T = 1, sigma = 1 / n_text; each iteration
+    the iteration of ViLT's public code (A = exp(-C^T / beta), T = 1, sigma = 1 / n_text; each iteration
     Q = A * T, ``inner_steps`` times delta = 1 / (n_img Q sigma), sigma = 1 / (n_text Q^T delta), then
     T = diag(delta) Q diag(sigma)), and exactly zero everywhere else. An example with no valid text or
     no valid image token gets an all-zero plan. No gradient flows through the plan.
@@ -127,17 +131,10 @@ def choose_masked(mask: Tensor, prob: float) -> Tensor:
     return (rank < k[:, None]) & mask
 
 
-def mpp_targets(
-    images: Tensor,
-    pixel_mask: Tensor,
-    boxes: Tensor,
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-    std: tuple[float, ...] = (0.5, 0.5, 0.5),
-    bits: int = 3,
-) -> Tensor:
+def mpp_targets(images: Tensor, pixel_mask: Tensor, boxes: Tensor, bits: int = 3) -> Tensor:
     """Class of each token's mean colour: [B, N] in [0, 2^(3 bits)), IGNORE for tokens over no real pixel.
 
-    images [B, 3, H, W] normalised with ``mean``/``std``; boxes [B, N, 4] pixel xyxy (any token layout:
+    images [B, 3, H, W] normalised as the data transform does (`vlm.data.transforms`); boxes [B, N, 4] pixel xyxy (any token layout:
     patches, grid cells, regions). The mean RGB in [0, 1] over the box's real pixels comes from
     summed-area tables (fp64, so box sums stay exact), each channel is cut into 2^bits equal bins, and
     the class is r * 2^(2 bits) + g * 2^bits + b.
@@ -145,9 +142,7 @@ def mpp_targets(
     b, ch, h, w = images.shape
     with torch.autocast(images.device.type, enabled=False):
         m = pixel_mask.double()
-        rgb = images.double() * images.new_tensor(std, dtype=torch.float64)[:, None, None] + images.new_tensor(
-            mean, dtype=torch.float64
-        )[:, None, None]
+        rgb = denormalize(images.double())
         sums = F.pad(torch.cat([rgb * m[:, None], m[:, None]], 1).cumsum(2).cumsum(3), (1, 0, 1, 0))
         x1, y1, x2, y2 = boxes.round().long().unbind(-1)
         x1, x2 = x1.clamp(0, w), x2.clamp(0, w)

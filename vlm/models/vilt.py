@@ -1,4 +1,4 @@
-"""ViLT: one transformer over [text tokens; image CLS; visual tokens] (SPEC §2).
+"""ViLT: one transformer over [text tokens; image CLS; visual tokens] (Kim et al. 2021, ViLT, §3.1).
 
 The same module runs whichever visual embedder feeds it, which is what makes an embedder comparison
 fair. Names follow the original ViLT / timm ViT (``blocks.{i}.attn.qkv``, ``norm1``, ...) so ViT and
@@ -69,9 +69,8 @@ class Attention(TimmAttention):
 
     q, k and v are views of the qkv projection laid out [B, N, 3, H, d], so the backward pass writes
     their gradients back in that layout with one copy (timm's [3, B, H, N, d] permute costs two). On
-    the CPU in bf16 it computes softmax(QK^T)V itself: SDPA's CPU kernel is about 2x slower there
-    (measured at ViLT-B/32 size, 8 x 12 heads x 281 tokens, forward + backward on one thread: 117 ms
-    against 57 ms per layer, 119 against 69 with a padding mask); in fp32 and on GPUs SDPA is the faster one.
+    the CPU in bf16 it computes softmax(QK^T)V itself, where SDPA's CPU kernel is the slower one (README:
+    Speed against transformers); in fp32 and on GPUs SDPA is the faster one.
     """
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -104,13 +103,10 @@ class Pooler(nn.Module):
 
 
 class ViLT(nn.Module):
-    """The transformer of SPEC §2 over whichever embedder it is given.
+    """ViLT's transformer (Kim et al. 2021, §3.1) over whichever embedder it is given.
 
-    ``init_from``: weights to start from, read by ``vlm.models.interop.read_checkpoint`` (a checkpoint of
-    ``python -m vlm.convert`` or of a training run, a ``transformers`` ViLT directory, an original ViLT
-    ``.ckpt``, a timm ViT state dict). Its architecture must match this one; a ViT fills the transformer and
-    the patch projection only, its position table resized to this grid. Task heads found in the same file
-    are loaded by the task.
+    Built from fresh weights; ``model.init_from`` starts it from a checkpoint, read by the task's factory
+    (`vlm.tasks.base.build_task`, through `vlm.models.weights`).
 
     ``compile``: run each transformer block through ``torch.compile`` (one graph, shared by every block;
     the embedder stays eager, its token sampling is data-dependent). It fuses what lies between the
@@ -121,7 +117,7 @@ class ViLT(nn.Module):
     def __init__(
         self,
         embedder: VisualEmbedder,
-        vocab_size: Annotated[int, Ge(6)],
+        vocab_size: Annotated[int, Ge(1)],
         hidden_size: Annotated[int, Ge(1)] = 768,
         num_layers: Annotated[int, Ge(1)] = 12,
         num_heads: Annotated[int, Ge(1)] = 12,
@@ -132,7 +128,6 @@ class ViLT(nn.Module):
         text_layer_norm_eps: Annotated[float, Gt(0)] = 1e-12,
         qkv_bias: bool = True,
         num_modality_types: Annotated[int, Ge(2)] = 2,
-        init_from: str | None = None,
         compile: bool = False,
     ):
         super().__init__()
@@ -160,11 +155,6 @@ class ViLT(nn.Module):
             if child is not embedder:
                 child.apply(init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.init_from = init_from
-        if init_from:
-            from vlm.models.interop import load_into, read_checkpoint
-
-            load_into(self, read_checkpoint(init_from), origin=init_from)
 
     def compile_blocks(self) -> None:
         """``torch.compile`` each transformer block in place (what ``compile=True`` does)."""

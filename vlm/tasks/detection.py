@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import lightning as L
-import torch
+from functools import partial
+
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection import FasterRCNN
 
-from vlm.data.collate import Batch
-from vlm.tasks.optim import OptimConfig, configure
+from vlm.data.collate import Batch, real_extent
+from vlm.data.transforms import denormalize
+from vlm.tasks.base import VLTaskModule
 
 
 def detector_inputs(batch: Batch) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
@@ -16,26 +18,33 @@ def detector_inputs(batch: Batch) -> tuple[list[Tensor], list[dict[str, Tensor]]
 
     Labels shift by one: torchvision keeps class 0 for the background.
     """
-    heights, widths = batch.pixel_mask[:, :, 0].sum(1).tolist(), batch.pixel_mask[:, 0, :].sum(1).tolist()
-    images = [batch.images[i, :, :h, :w] * 0.5 + 0.5 for i, (h, w) in enumerate(zip(heights, widths))]
+    heights, widths = (t.tolist() for t in real_extent(batch.pixel_mask))
+    images = [denormalize(batch.images[i, :, :h, :w]) for i, (h, w) in enumerate(zip(heights, widths))]
     if batch.boxes is None:
         raise ValueError("task=detection needs boxes in the data (the samples' json has no 'boxes')")
-    targets = [{"boxes": b.reshape(-1, 4), "labels": l.long() + 1} for b, l in zip(batch.boxes, batch.box_labels)]
+    targets = [{"boxes": b.reshape(-1, 4), "labels": labels.long() + 1} for b, labels in zip(batch.boxes, batch.box_labels)]
     return images, targets
 
 
-class DetectionLitModule(L.LightningModule):
+class DetectionLitModule(VLTaskModule):
     """Faster R-CNN losses summed (RPN objectness + box, RoI classifier + box); ``val/map``, ``val/map_50``.
 
     The detector is ``self.detector``, so a checkpoint's keys read ``detector.*``: what the region
-    embedder's ``detector.weights`` loads.
+    embedder's ``detector.weights`` loads. The optimiser arguments are `VLTaskModule`'s.
     """
 
-    def __init__(self, model: nn.Module, optim: OptimConfig | None = None):
-        super().__init__()
+    def __init__(self, model: nn.Module, optimizer: partial | None = None, scheduler: partial | None = None,
+                 lr_mults: dict[str, float] | None = None, test_split: bool = False):
+        super().__init__(optimizer, scheduler, lr_mults, test_split)
+        if not isinstance(model, FasterRCNN):
+            raise ValueError(f"task=detection trains a Faster R-CNN, not a {type(model).__name__}: run "
+                             "experiment=detection (model=detector)")
         self.detector = model
-        self.optim = optim or OptimConfig()
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+
+    @property
+    def network(self) -> nn.Module:
+        return self.detector
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = detector_inputs(batch)
@@ -57,7 +66,3 @@ class DetectionLitModule(L.LightningModule):
         self.val_map.reset()
         for name in ("map", "map_50", "map_75", "mar_100"):
             self.log(f"val/{name}", result[name].float())
-
-    def configure_optimizers(self):
-        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        return configure(self, self.optim, steps, {})

@@ -1,31 +1,33 @@
-"""Pretraining: image-text matching, masked language modelling, word-patch alignment, masked patch prediction (SPEC §3)."""
+"""Pretraining: image-text matching, masked language modelling, word-patch alignment, masked patch prediction
+(Kim et al. 2021, ViLT, §3.2)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Annotated
 
-import lightning as L
 import torch
 from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vlm.data.collate import Batch
+from vlm.data.collate import Batch, rows_of
 from vlm.metrics import MajorityBaseline
 from vlm.models import objectives
 from vlm.models.heads import ITMHead, MLMHead, MPPHead
-from vlm.models.interop import load_heads, read_checkpoint
 from vlm.models.vilt import ViLT, init_weights
-from vlm.tasks.optim import OptimConfig, configure
+from vlm.tasks.base import VLTaskModule
+from vlm.tasks.retrieval import zero_shot_retrieval
 
 OBJECTIVES = ("itm", "mlm", "wpa", "mpp")
 MPP_CLASSES = 512  # mean colour, 3 bits per channel
+NEEDS = {"mpp": {"pos", "boxes"}}  # the visual-token fields an objective reads (`VisualEmbedder.gives`)
 
 
-class PretrainLitModule(L.LightningModule):
-    """ViLT's pretraining objectives (SPEC §3) on one ViLT, two transformer passes per step.
+class PretrainLitModule(VLTaskModule):
+    """ViLT's pretraining objectives (Kim et al. 2021, §3.2) on one ViLT, two transformer passes per step.
 
     The ITM pass shows clean text with half-mismatched images; ITM is read from its pooled output and
     WPA (word-patch alignment by optimal transport) from its token states. The MLM pass shows masked
@@ -36,19 +38,29 @@ class PretrainLitModule(L.LightningModule):
     switches it off, and a pass none of its objectives needs is skipped. ``wpa_*`` are IPOT's beta,
     iterations and inner steps. Validation reports the transport distances of matched and mismatched
     pairs (``val/wpa_pos``, ``val/wpa_neg``) for every model, whether or not WPA trains it.
+
+    ``mlm_batch_fraction``: the share of each training batch the MLM pass reads (its first rows); the masked
+    pass costs as much as the ITM pass, and MLM is an auxiliary at the CPU recipe's weight. Validation reads
+    all of it. ``retrieval_pairs``: > 0 adds zero-shot R@1/5 both ways over the first N validation pairs to
+    the end-of-run evaluation (N^2 transformer passes). The optimiser arguments are `VLTaskModule`'s.
     """
 
     def __init__(
         self,
         model: ViLT,
         objectives: dict[str, float] | None = None,
-        optim: OptimConfig | None = None,
         wpa_beta: Annotated[float, Gt(0)] = 0.5,
         wpa_iterations: Annotated[int, Ge(1)] = 50,
         wpa_inner_steps: Annotated[int, Ge(1)] = 1,
         mpp_prob: Annotated[float, Interval(gt=0, le=1)] = 0.15,
+        mlm_batch_fraction: Annotated[float, Interval(gt=0, le=1)] = 1.0,
+        retrieval_pairs: Annotated[int, Ge(0)] = 0,
+        optimizer: partial | None = None,
+        scheduler: partial | None = None,
+        lr_mults: dict[str, float] | None = None,
+        test_split: bool = True,
     ):
-        super().__init__()
+        super().__init__(optimizer, scheduler, lr_mults, test_split)
         self.model = model
         self.weights = {"itm": 1.0, "mlm": 1.0, "wpa": 0.1, "mpp": 0.0, **(objectives or {})}
         unknown = set(self.weights) - set(OBJECTIVES)
@@ -59,9 +71,17 @@ class PretrainLitModule(L.LightningModule):
             raise ValueError(f"objective weights must be >= 0 and at least one > 0, got {self.weights}")
         if not 0 < mpp_prob <= 1:
             raise ValueError(f"mpp_prob must be in (0, 1], got {mpp_prob}")
+        embedder = model.embedder
+        for name, fields in NEEDS.items():
+            if self.active(name) and embedder.lacks(fields):
+                raise ValueError(f"objectives.{name}={self.weights[name]}: {name.upper()} reads the visual tokens' "
+                                 f"{' and '.join(embedder.lacks(fields))}, which {type(embedder).__name__} does not give "
+                                 f"(it gives {', '.join(sorted(embedder.gives)) or 'neither'}): set task.objectives.{name}=0 "
+                                 "or use model/embedder=patch")
         self.ipot = {"beta": wpa_beta, "iterations": wpa_iterations, "inner_steps": wpa_inner_steps}
         self.mpp_prob = mpp_prob
-        self.optim = optim or OptimConfig()
+        self.mlm_batch_fraction = mlm_batch_fraction
+        self.retrieval_pairs = retrieval_pairs
         d, vocab = model.hidden_size, model.text_embeddings.word_embeddings.num_embeddings
         eps = model.text_embeddings.LayerNorm.eps
         self.itm_score = ITMHead(d)
@@ -75,8 +95,6 @@ class PretrainLitModule(L.LightningModule):
             nn.init.trunc_normal_(self.mpp_mask_token, std=0.02)
             self.val_mpp_acc = MulticlassAccuracy(num_classes=MPP_CLASSES, average="micro")
             self.val_mpp_majority = MajorityBaseline(MPP_CLASSES)
-        if getattr(model, "init_from", None):  # the heads the model's checkpoint holds start from it too
-            load_heads(self, read_checkpoint(model.init_from), origin=model.init_from)
         self.val_itm_acc = MulticlassAccuracy(num_classes=2, average="micro")
         self.val_mlm_acc = MulticlassAccuracy(num_classes=vocab, average="micro")
         self.val_mlm_majority = MajorityBaseline(vocab)
@@ -86,6 +104,10 @@ class PretrainLitModule(L.LightningModule):
         # the test split (built-in data: unseen colour-shape combinations)
         self.test_itm_acc = MulticlassAccuracy(num_classes=2, average="micro")
         self.test_mlm_acc = MulticlassAccuracy(num_classes=vocab, average="micro")
+
+    @property
+    def network(self) -> ViLT:
+        return self.model
 
     def active(self, name: str) -> bool:
         return self.weights.get(name, 0.0) > 0
@@ -109,10 +131,11 @@ class PretrainLitModule(L.LightningModule):
                 out["loss_wpa"] = objectives.wpa_loss(distance, batch.itm_labels)
                 out["wpa_distance"] = distance.detach()
         if self.active("mlm") or self.active("mpp"):
+            if self.training and self.mlm_batch_fraction < 1:  # the masked pass reads the first rows only
+                k = max(1, round(self.mlm_batch_fraction * len(batch)))
+                batch, visual = rows_of(batch, k), visual.select(torch.arange(k, device=visual.mask.device))
             masked = None
             if self.active("mpp"):
-                if visual.pos is None or visual.boxes is None:
-                    raise ValueError(f"MPP needs token positions and boxes, which {type(self.model.embedder).__name__} does not give")
                 masked = objectives.choose_masked(visual.mask, self.mpp_prob)
                 blank = (self.mpp_mask_token.to(visual.pos.dtype) + visual.pos).to(visual.embeds.dtype)
                 visual = replace(visual, embeds=torch.where(masked[..., None], blank, visual.embeds))
@@ -184,14 +207,10 @@ class PretrainLitModule(L.LightningModule):
             self.test_mlm_acc(out["mlm_logits"], out["mlm_targets"])
             self.log("test/mlm_acc", self.test_mlm_acc, batch_size=n)
 
-    def lr_mults(self) -> dict[str, float]:
-        return {
-            "model.embedder.": self.model.embedder.lr_mult,
-            "itm_score.": self.optim.head_lr_mult,
-            "mlm_score.": self.optim.head_lr_mult,
-            "mpp_score.": self.optim.head_lr_mult,
-        }
-
-    def configure_optimizers(self):
-        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        return configure(self, self.optim, steps, self.lr_mults())
+    def evaluate(self, trainer, datamodule) -> dict[str, float]:
+        """`VLTaskModule.evaluate`, then zero-shot retrieval by ITM score over ``retrieval_pairs`` val pairs."""
+        metrics = super().evaluate(trainer, datamodule)
+        if self.retrieval_pairs > 0:
+            metrics.update(zero_shot_retrieval(self, datamodule.val_dataloader(), self.retrieval_pairs,
+                                               autocast=self.autocast))
+        return metrics

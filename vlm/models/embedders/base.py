@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Annotated
@@ -35,12 +36,26 @@ class VisualTokens:
         return VisualTokens(self.embeds[index], self.mask[index], boxes, self.cls_pos, pos)
 
 
+TOKEN_FIELDS = ("boxes", "cls_pos", "pos")  # what VisualTokens may carry beyond embeds and mask
+BATCH_FIELDS = ("boxes", "box_features")  # what an embedder may need from the batch beyond the images
+
+
 class VisualEmbedder(nn.Module, ABC):
     """Base class: ``forward(images, pixel_mask, boxes=None, box_features=None) -> VisualTokens``.
 
+    The contract is declared, so that a task checks it when it is built rather than in its first step:
+    ``needs``, the batch fields it reads beyond the images (of BATCH_FIELDS), and ``gives``, the `VisualTokens`
+    fields it fills beyond embeds and mask (of TOKEN_FIELDS: token ``boxes`` for alignment pictures and MPP
+    targets, ``pos`` for MPP, ``cls_pos`` for the image CLS). A class sets them, or its ``__init__`` does
+    where they depend on its arguments.
+
     ``max_tokens`` caps N the same way for every family (> 0: at most that many tokens per image; <= 0: all).
-    ``freeze`` stops its gradients; ``lr_mult`` scales its learning rate in the task's optimiser.
+    ``freeze`` stops its gradients (applied here once a subclass's ``__init__`` has made every parameter) and
+    keeps it in eval mode; ``lr_mult`` scales its learning rate in the task's optimiser.
     """
+
+    needs: frozenset[str] = frozenset()
+    gives: frozenset[str] = frozenset()
 
     def __init__(self, hidden_size: Annotated[int, Ge(1)], max_tokens: int = -1, freeze: bool = False,
                  lr_mult: Annotated[float, Ge(0)] = 1.0):
@@ -50,10 +65,21 @@ class VisualEmbedder(nn.Module, ABC):
         self.freeze = freeze
         self.lr_mult = lr_mult
 
-    def finish_init(self) -> None:
-        """Call at the end of a subclass's __init__: applies ``freeze`` once every parameter exists."""
-        if self.freeze:
-            self.requires_grad_(False)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def init_then_freeze(self, *args, **kw):
+            init(self, *args, **kw)
+            if type(self) is cls and self.freeze:  # the most derived class's __init__ has run: every parameter exists
+                self.requires_grad_(False)
+
+        cls.__init__ = init_then_freeze
+
+    def lacks(self, wanted: set[str] | frozenset[str]) -> list[str]:
+        """Which of the token fields ``wanted`` this embedder does not give."""
+        return sorted(set(wanted) - set(self.gives))
 
     def train(self, mode: bool = True):
         # a frozen embedder stays in eval mode (BatchNorm statistics, dropout) whatever the model does
@@ -81,11 +107,6 @@ class VisualEmbedder(nn.Module, ABC):
             "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
             "gflops": counter.get_total_flops() / images.shape[0] / 1e9,
         }
-
-
-def real_extent(pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Each image's real (unpadded) height and width in pixels: images are padded bottom/right."""
-    return pixel_mask[:, :, 0].sum(1), pixel_mask[:, 0, :].sum(1)
 
 
 def select_tokens(valid: Tensor, max_tokens: int) -> tuple[Tensor, Tensor]:

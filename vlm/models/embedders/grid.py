@@ -1,4 +1,5 @@
-"""Grid features (Pixel-BERT, Jiang et al.; SPEC §7): every cell of a CNN's last map is a visual token."""
+"""Grid features (Huang et al. 2020, Pixel-BERT; Jiang et al. 2020, In Defense of Grid Features for VQA): every
+cell of a CNN's last map is a visual token."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.models.embedders.base import VisualEmbedder, VisualTokens, real_extent, select_tokens
+from vlm.data.collate import real_extent
+from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
 from vlm.models.embedders.positions import RowColumnEmbedding, sine_2d
 from vlm.models.embedders.trunk import ResNetTrunk
 
@@ -22,6 +24,8 @@ class GridEmbedder(VisualEmbedder):
     (a frozen pretrained ResNet's run into the tens). ``position``: ``learned`` row + column tables, or
     ``sine``, DETR's 2-D encoding normalised by each image's own grid.
     """
+
+    gives = frozenset({"boxes"})
 
     def __init__(
         self,
@@ -47,7 +51,6 @@ class GridEmbedder(VisualEmbedder):
         self.pos_embed = RowColumnEmbedding(hidden_size, max_grid, max_grid) if position == "learned" else None
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
-        self.finish_init()
 
     def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
         s, d = self.stride, self.hidden_size

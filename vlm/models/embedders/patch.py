@@ -1,4 +1,4 @@
-"""Patch projection (ViLT, SPEC §2): one strided convolution maps pixels straight to tokens."""
+"""Patch projection (Kim et al. 2021, ViLT, §3.1): one strided convolution maps pixels straight to tokens."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ class PatchEmbedder(VisualEmbedder):
     padded bottom/right to multiples of the patch size.
     """
 
+    gives = frozenset({"boxes", "cls_pos", "pos"})
+
     def __init__(
         self,
         hidden_size: Annotated[int, Ge(1)],
@@ -38,7 +40,6 @@ class PatchEmbedder(VisualEmbedder):
         self.proj = nn.Conv2d(in_chans, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, hidden_size))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.finish_init()
 
     def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
         p, d = self.patch_size, self.hidden_size

@@ -1,11 +1,12 @@
-"""Region features (UNITER, LXMERT, VinVL; SPEC §7): one visual token per box.
+"""Region features (Chen et al. 2020, UNITER; Tan & Bansal 2019, LXMERT; Zhang et al. 2021, VinVL): one visual
+token per box.
 
 Boxes come from the sample (``box_source=data``), from a Faster R-CNN run inside the embedder
 (``detector``), or, with their features, from a file written beforehand (``precomputed``, the
 bottom-up-attention way; ``python -m vlm.extract_regions`` writes one). For ``data`` and ``detector`` a
 box's feature is RoIAlign on the embedder's own ResNet trunk, so the two differ only in where the boxes
 come from; the detector only proposes boxes and is never trained here (``python -m vlm.train
-task=detection`` trains it).
+experiment=detection`` trains it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from vlm.models.embedders.base import VisualEmbedder, VisualTokens, real_extent, select_tokens
+from vlm.data.collate import real_extent
+from vlm.data.transforms import denormalize
+from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
 from vlm.models.embedders.positions import box_geometry
 from vlm.models.embedders.trunk import ResNetTrunk, trunk_channels
 
@@ -34,6 +37,8 @@ class RegionEmbedder(VisualEmbedder):
     are sampled. ``feature_dim``: the width of precomputed features (default: the trunk's, i.e. what
     ``vlm.extract_regions`` writes with the same config).
     """
+
+    gives = frozenset({"boxes"})
 
     def __init__(
         self,
@@ -53,6 +58,7 @@ class RegionEmbedder(VisualEmbedder):
         if box_source not in SOURCES:
             raise ValueError(f"box_source must be one of {SOURCES}, got {box_source!r}")
         self.box_source = box_source
+        self.needs = frozenset({"data": {"boxes"}, "detector": set(), "precomputed": {"boxes", "box_features"}}[box_source])
         self.roi_size = roi_size
         if box_source == "precomputed":
             self.trunk = None
@@ -76,7 +82,6 @@ class RegionEmbedder(VisualEmbedder):
         for layer in (self.feat_proj, self.pos_proj):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
-        self.finish_init()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -88,7 +93,7 @@ class RegionEmbedder(VisualEmbedder):
     def detect(self, images: Tensor, heights: Tensor, widths: Tensor) -> list[Tensor]:
         """The detector's boxes per image, best first, in the batch's pixel frame."""
         # torchvision's detectors take [0, 1] images of their own sizes and normalise them themselves
-        crops = [(images[i, :, :h, :w].float() * 0.5 + 0.5) for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist()))]
+        crops = [denormalize(images[i, :, :h, :w].float()) for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist()))]
         with torch.autocast(images.device.type, enabled=False):
             return [out["boxes"][: self.max_tokens if self.max_tokens > 0 else None] for out in self.detector(crops)]
 

@@ -46,8 +46,9 @@ class ResNetTrunk(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def load_torchvision(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        from vlm.models.weights.files import load_file, state_dict_of
+
+        state = state_dict_of(load_file(path))
         own = self.state_dict()
         kept = {k: v for k, v in state.items() if k in own}
         missing = sorted(set(own) - set(kept))

@@ -14,11 +14,19 @@ from hydra.utils import instantiate
 from torch import nn
 from transformers import ViltConfig
 
-from vlm.models import interop
+from vlm.models import weights
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.heads import ITMHead, MLMHead, RankHead
-from vlm.models.interop import from_hf_vilt, from_original_vilt, read_checkpoint, to_hf_vilt
 from vlm.models.vilt import ViLT
+from vlm.models.weights import from_hf_vilt, from_original_vilt, read_checkpoint, to_hf_vilt
+from vlm.models.weights.format import vilt_config
+from vlm.models.weights.hf import hf_config_to_ours
+
+
+def started(model: ViLT, path) -> ViLT:
+    """``model`` started from the weights at ``path``, as ``model.init_from=PATH`` does (`vlm.tasks.base.build_task`)."""
+    weights.load_into(model, read_checkpoint(path), origin=str(path))
+    return model
 
 TOL = 3e-5
 HF_CLASSES = ["ViltModel", "ViltForMaskedLM", "ViltForQuestionAnswering", "ViltForImageAndTextRetrieval",
@@ -228,7 +236,7 @@ def test_mlm_export_refuses_untied_decoder():
 
 
 def original_layout(hf: transformers.ViltForMaskedLM, itm: ITMHead) -> dict:
-    """An original dandelin/ViLT checkpoint of the same weights, written out key by key (SPEC §9)."""
+    """An original dandelin/ViLT checkpoint of the same weights, written out key by key (the dandelin/ViLT names)."""
     s, L = hf.state_dict(), hf.config.num_hidden_layers
     e = "vilt.embeddings."
     out = {
@@ -323,8 +331,8 @@ def test_vit_initialises_transformer_and_patch_projection(tmp_path, suffix):
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
-    model = ViLT(PatchEmbedder(48, patch_size=32, image_size=96), vocab_size=30, hidden_size=48, num_layers=2,
-                 num_heads=4, init_from=str(path)).eval()
+    model = started(ViLT(PatchEmbedder(48, patch_size=32, image_size=96), vocab_size=30, hidden_size=48, num_layers=2,
+                         num_heads=4), path).eval()
     fresh = ViLT(PatchEmbedder(48, patch_size=32, image_size=96), vocab_size=30, hidden_size=48, num_layers=2, num_heads=4)
     torch.testing.assert_close(model.embedder.proj.weight, vit.patch_embed.proj.weight, rtol=0, atol=0)
     torch.testing.assert_close(model.cls_token, vit.cls_token, rtol=0, atol=0)
@@ -344,16 +352,16 @@ def test_vit_initialises_transformer_and_patch_projection(tmp_path, suffix):
 def test_init_from_checks_the_architecture(tmp_path):
     hf = make_hf("ViltModel", 15, num_attention_heads=4, hidden_size=32)
     path = tmp_path / "ours.pt"
-    interop.save_checkpoint(interop.hf_checkpoint(hf), path)
-    cfg = interop.hf_config_to_ours(hf.config)
+    weights.save_checkpoint(weights.hf_checkpoint(hf), path)
+    cfg = hf_config_to_ours(hf.config)
     emb = PatchEmbedder(32, patch_size=cfg["embedder"]["patch_size"], image_size=cfg["embedder"]["image_size"])
     kwargs = dict(vocab_size=cfg["vocab_size"], hidden_size=32, num_layers=cfg["num_layers"], mlp_ratio=cfg["mlp_ratio"],
                   max_text_len=cfg["max_text_len"], layer_norm_eps=1e-12)
     with pytest.raises(ValueError, match="num_heads=4, the model num_heads=2: set model.num_heads=4"):
-        ViLT(emb, num_heads=2, init_from=str(path), **kwargs)
+        started(ViLT(emb, num_heads=2, **kwargs), path)
     with pytest.raises(ValueError, match="layer_norm_eps"):
-        ViLT(emb, num_heads=4, init_from=str(path), **{**kwargs, "layer_norm_eps": 1e-6})
-    model = ViLT(emb, num_heads=4, init_from=str(path), **kwargs)
+        started(ViLT(emb, num_heads=4, **{**kwargs, "layer_norm_eps": 1e-6}), path)
+    model = started(ViLT(emb, num_heads=4, **kwargs), path)
     for k, v in read_checkpoint(path)["state_dict"].items():
         assert torch.equal(model.state_dict()[k.removeprefix("model.")], v), k
 
@@ -380,14 +388,14 @@ def test_mlm_head_eps_is_kept():
 
 
 def test_init_from_reads_every_source(tmp_path):
-    """ViLT(init_from=...) with a transformers directory, an original .ckpt and our checkpoint: the same weights."""
+    """init_from with a transformers directory, an original .ckpt and our checkpoint: the same weights."""
     hf = make_hf("ViltForMaskedLM", 18)
     hf.save_pretrained(tmp_path / "hf")
     torch.save({"state_dict": original_layout(hf, ITMHead(hf.config.hidden_size))}, tmp_path / "orig.ckpt")
-    interop.save_checkpoint(interop.hf_checkpoint(hf), tmp_path / "ours.pt")
+    weights.save_checkpoint(weights.hf_checkpoint(hf), tmp_path / "ours.pt")
     expect, _ = from_hf_vilt(hf)
-    cfg = interop.vilt_config(expect)
+    cfg = vilt_config(expect)
     for source, eps in [("hf", 1e-12), ("orig.ckpt", 1e-6), ("ours.pt", 1e-12)]:
-        model = instantiate({**cfg, "layer_norm_eps": eps, "init_from": str(tmp_path / source)})
+        model = started(instantiate({**cfg, "layer_norm_eps": eps}), tmp_path / source)
         for k, v in expect.state_dict().items():
             assert torch.equal(model.state_dict()[k], v), (source, k)

@@ -1,0 +1,43 @@
+"""python -m vlm.bench [REPORT ...] [--out DIR]: the speed reports, as tables and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from vlm.bench import REPORTS
+
+
+def main(argv: list[str] | None = None) -> None:
+    reports = "\n".join(f"  {name:<10} {module.WHAT}" for name, module in REPORTS.items())
+    p = argparse.ArgumentParser(prog="python -m vlm.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Speed reports: each prints a table and writes <out>/<report>.json; "
+                                            "every comparison is measured side by side in one process, as ratios.",
+                                epilog=f"reports (default: all of them):\n{reports}")
+    p.add_argument("which", nargs="*", default=list(REPORTS), choices=list(REPORTS), metavar="REPORT",
+                   help="one or more of: " + ", ".join(REPORTS))
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: each report's own)")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batch sizes (model)")
+    p.add_argument("--batch", type=int, default=8, help="embedders: images per timed batch")
+    p.add_argument("--detector-weights", help="embedders: the region detector's weights (an experiment=detection checkpoint)")
+    p.add_argument("--data-samples", type=int, default=512, help="scenes per format in the data benchmark")
+    p.add_argument("--compile", action="store_true",
+                   help="model: also time ours with model.compile=true (torch.compile per block; compiling takes minutes)")
+    p.add_argument("--out", default="bench", help="folder for <report>.json")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.which:
+        result = REPORTS[name].run(args)
+        result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                             "torch": torch.__version__}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote {out / f'{name}.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Loader throughput per data layout with 0, 1, 2 workers, beside the training step's consumption."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from vlm.bench.common import FAST, optimizer_for, time_steps, train_step
+from vlm.data.synthetic import random_batch
+
+WHAT = "loader samples/s per data layout with 0, 1, 2 workers, beside the step's consumption"
+
+DATA_FORMATS = ("synthetic", "webdataset", "parquet", "coco_karpathy", "imagefolder")
+
+
+def data_fixtures(root: Path, n: int, shards: int = 4) -> dict:
+    """format -> (source, train files, tokenizer dir): the same ``n`` built-in scenes in every layout, in
+    ``shards`` shards each (so that 1, 2 and 4 workers divide them)."""
+    from vlm.data import export
+    from vlm.data.sources import CocoKarpathy, ImageFolder, Parquet, WebDataset
+    from vlm.data.synthetic import SyntheticData
+
+    synthetic = SyntheticData(str(root / "synthetic"), train_size=n, val_size=shards, test_size=shards, shard_size=n // shards)
+    synthetic.ensure()
+    tokenizer = str(root / "synthetic" / "tokenizer")
+    cache, rows = str(root / "hf-cache"), n // shards
+    out = {"synthetic": (WebDataset(), synthetic.shards("train"), tokenizer)}
+    out["webdataset"] = (WebDataset(), export.write_webdataset(root / "webdataset", "train", n, shards), tokenizer)
+    out["parquet"] = (Parquet(key_column="key"), export.write_parquet(root / "parquet", "train", n, shards, rows_per_group=rows), tokenizer)
+    images = max(1, n // 5 // shards)  # images per shard: five captions each
+    karpathy = export.write_coco_karpathy(root / "coco", {"train": images * shards}, captions_per_image=5)
+    out["coco_karpathy"] = (CocoKarpathy(rows_per_shard=images, cache_dir=cache), karpathy, tokenizer)
+    meta = export.write_imagefolder(root / "imagefolder", "train", n)
+    out["imagefolder"] = (ImageFolder(rows_per_shard=rows, cache_dir=cache), meta, tokenizer)
+    return out
+
+
+def data_module(fixture, workers: int, batch: int, size: tuple[int, int]):
+    """The training data module over one fixture, as a pretraining run would build it."""
+    from vlm.data.collate import PretrainCollator
+    from vlm.data.datamodule import ImageTextDataModule
+
+    source, files, tokenizer = fixture
+    return ImageTextDataModule(train_files=files, source=source, tokenizer=tokenizer, collate=PretrainCollator,
+                               batch_size=batch, num_workers=workers, image_size=size[0], max_size=size[1])
+
+
+def loader_rate(fixture, workers: int, batches: int, batch: int, size: tuple[int, int]) -> float:
+    """Samples per second the training loader delivers once its workers run (their start is not counted)."""
+    it = iter(data_module(fixture, workers, batch, size).train_dataloader())
+    for _ in range(max(1, workers)):  # workers start and read their first shard
+        next(it)
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        n += len(next(it))
+    rate = n / (time.perf_counter() - t0)
+    del it
+    return rate
+
+
+def train_rate(task, batches, steps: int) -> tuple[float, float]:
+    """Training samples/s (``FAST`` precision, AdamW) over ``steps`` batches from the iterator ``batches``, and the
+    share of that time spent waiting for the next batch."""
+    opt = optimizer_for(task)
+    n, t0, waited = 0, 0.0, 0.0
+    for i in range(steps + 1):  # the first step (and a loader's start) is not counted
+        t = time.perf_counter()
+        data = next(batches)
+        if i:
+            waited += time.perf_counter() - t
+        train_step(task, data, FAST, opt)
+        if i == 0:
+            t0 = time.perf_counter()
+        else:
+            n += len(data)
+    elapsed = time.perf_counter() - t0
+    return n / elapsed, waited / elapsed
+
+
+def run(args) -> dict:
+    """Loader samples/s per layout (the same scenes in each) and worker count; then, for each model preset,
+    the training step's consumption beside the 2-worker loader at that preset's image size (measured in turn,
+    twice), and for vilt_tiny the training loop itself fed by the loader over the same loop on one
+    pre-made batch, with the share of its time spent waiting for a batch."""
+    import itertools
+    import tempfile
+
+    from vlm.cli import compose_model
+    from vlm.tasks.base import build_model
+    from vlm.tasks.pretrain import PretrainLitModule
+
+    n, batch = args.data_samples, 64
+    batches = max(2, n // batch - 3)  # timed batches per measurement, after each worker's first
+    tiny, base = (192, 320), (384, 640)
+    with tempfile.TemporaryDirectory() as tmp:
+        fixtures = data_fixtures(Path(tmp), n)
+        rows = []
+        for fmt in DATA_FORMATS:
+            rates = {w: loader_rate(fixtures[fmt], w, batches, batch, tiny) for w in (0, 1, 2)}
+            rows.append({"format": fmt, **{f"workers_{w}": r for w, r in rates.items()}})
+        dm = data_module(fixtures["synthetic"], 0, batch, tiny)
+        vocab = dm.vocab_size
+        models = []
+        for preset, step_batch, size in (("vilt_tiny", 64, tiny), ("vilt_base", 8, base)):
+            task = PretrainLitModule(build_model(compose_model(preset), vocab)[0]).train()
+            data = random_batch(step_batch, 30 if preset == "vilt_tiny" else 40, size[0], size[1], vocab)
+            consume, load = [], []
+            for _ in range(2):  # loader and step measured in turn; medians of each
+                load.append(loader_rate(fixtures["synthetic"], 2, batches, batch, size))
+                repeats = (args.repeats or 5) if preset == "vilt_tiny" else 1  # vilt_base: many seconds a step on a CPU
+                consume.append(step_batch / statistics.median(time_steps(task, data, FAST, repeats)))
+            row = {"model": preset, "image": f"{size[0]}/{size[1]}", "step_batch": step_batch,
+                   "consumes_per_s": statistics.median(consume), "loader_2w_per_s": statistics.median(load)}
+            row["loader_over_consumption"] = row["loader_2w_per_s"] / row["consumes_per_s"]
+            if preset == "vilt_tiny":  # the loop itself: fed by 2 loader workers vs one pre-made batch, in turn
+                premade = next(iter(dm.train_dataloader()))
+                fed, unfed, waits = [], [], []
+                for _ in range(2):
+                    loader = iter(data_module(fixtures["synthetic"], 2, batch, size).train_dataloader())
+                    rate, wait = train_rate(task, loader, 2 * (args.repeats or 5))
+                    fed.append(rate)
+                    waits.append(wait)
+                    del loader
+                    unfed.append(train_rate(task, itertools.repeat(premade), 2 * (args.repeats or 5))[0])
+                row["fed_over_premade"] = statistics.median(fed) / statistics.median(unfed)
+                row["fed_wait_share"] = statistics.median(waits)
+            models.append(row)
+    table = Table(title=f"loader samples/s by format and workers (batch {batch}, shorter side {tiny[0]}, "
+                        f"longer side <= {tiny[1]}, {n} scenes in 4 shards)")
+    for col in ("format", "0 workers", "1 worker", "2 workers"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["format"], *(f"{r[f'workers_{w}']:.0f}" for w in (0, 1, 2)))
+    Console(width=120).print(table)
+    table = Table(title=f"does the loader keep up? built-in data, 2 workers, {FAST} step, {torch.get_num_threads()} threads")
+    for col in ("model", "image", "step consumes/s", "loader/s", "loader / step", "fed / pre-made", "waiting"):
+        table.add_column(col, justify="right")
+    for r in models:
+        fed = "fed_over_premade" in r
+        table.add_row(r["model"], r["image"], f"{r['consumes_per_s']:.1f}", f"{r['loader_2w_per_s']:.0f}",
+                      f"{r['loader_over_consumption']:.1f}x", f"{r['fed_over_premade']:.2f}" if fed else "",
+                      f"{100 * r['fed_wait_share']:.0f}%" if fed else "")
+    Console(width=120).print(table)
+    return {"formats": rows, "models": models, "samples": n, "batch": batch, "image_tiny": tiny, "image_base": base}

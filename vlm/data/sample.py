@@ -1,0 +1,29 @@
+"""`Sample`: one example as the stream hands it to a task's collate, whatever the source and the task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class Sample:
+    """What a source has for one example, decoded and transformed.
+
+    ``image`` [3, H, W] normalised (`vlm.data.transforms`); ``text`` the caption this epoch reads, ``captions``
+    all of them where the source has several; ``boxes`` [K, 4] pixel xyxy in the transformed frame with their
+    ``box_labels``, and ``box_features`` [K, F] where a region file gives them; ``extra``: whatever else the
+    source's record holds (the built-in scenes' questions and answers, their pair statement), for the tasks that
+    read it. A collate (`vlm.data.collate`) turns a list of them into the `Batch` its task reads.
+    """
+
+    key: str
+    image: Tensor
+    text: str | None = None
+    captions: list[str] | None = None
+    boxes: Tensor | None = None
+    box_labels: Tensor | None = None
+    box_features: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

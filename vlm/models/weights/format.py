@@ -1,0 +1,307 @@
+"""Our checkpoint: a plain dict that ``torch.save`` writes and ``torch.load(weights_only=True)`` reads back.
+
+    {"format": "vlm-vilt-v1",
+     "source": "hf" | "original" | "vit" | "vlm",         where the weights came from
+     "config": {"_target_": "vlm.models.vilt.ViLT", ...,   the model node, as in conf/model/*.yaml, the
+                "embedder": {"_target_": ..., ...}},       embedder's under "embedder"; None = not known
+     "heads": {"mlm_score": {"_target_": ..., ...}, ...},  one node per task head in the file
+     "state_dict": {"model.<ViLT key>": ..., "<head>.<key>": ...}}
+
+The state-dict keys are our LightningModules' (``model.*``, ``itm_score.*``, ``mlm_score.*``), so a training
+run's checkpoint reads the same way. The model node is made by `vilt_node` and every head node by `head_node`,
+whichever source the weights come from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+log = logging.getLogger("vlm.models.weights")
+
+FORMAT = "vlm-vilt-v1"
+VILT = "vlm.models.vilt.ViLT"
+PATCH = "vlm.models.embedders.patch.PatchEmbedder"
+HEADS = {  # head name in a checkpoint -> the module that holds it
+    "itm_score": "vlm.models.heads.ITMHead",
+    "mlm_score": "vlm.models.heads.MLMHead",
+    "vqa_classifier": "vlm.models.heads.VQAHead",
+    "nlvr2_classifier": "vlm.models.heads.NLVR2Head",
+    "rank_output": "vlm.models.heads.RankHead",
+}
+HEAD_NAMES = tuple(HEADS)
+# must agree between a checkpoint and the model it initialises (the image size may differ: the position
+# table is resized; modality types may be added: new rows start from the image row, as ViLT's NLVR2)
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio", "max_text_len",
+                "layer_norm_eps", "text_layer_norm_eps", "qkv_bias")
+EMBEDDER_ARCHITECTURE = ("patch_size", "in_chans")
+NOT_IN_VIT = ("text_embeddings.", "token_type_embeddings.", "pooler.")  # what a ViT cannot initialise
+
+Checkpoint = dict[str, Any]
+
+
+def vilt_node(*, hidden_size: int, num_layers: int, num_heads: int | None, mlp_ratio: float, patch_size: int,
+              image_size: int, vocab_size: int | None = None, max_text_len: int | None = None, dropout: float = 0.0,
+              layer_norm_eps: float = 1e-6, text_layer_norm_eps: float | None = None, qkv_bias: bool = True,
+              num_modality_types: int | None = None, max_tokens: int = -1, in_chans: int = 3) -> dict[str, Any]:
+    """The model node (as in conf/model/*.yaml, patch embedder) of a ViLT architecture: the one place it is made.
+    Entries a source cannot tell are None."""
+    return {
+        "_target_": VILT, "vocab_size": vocab_size, "hidden_size": hidden_size, "num_layers": num_layers,
+        "num_heads": num_heads, "mlp_ratio": mlp_ratio, "max_text_len": max_text_len, "dropout": dropout,
+        "layer_norm_eps": layer_norm_eps, "text_layer_norm_eps": text_layer_norm_eps, "qkv_bias": qkv_bias,
+        "num_modality_types": num_modality_types,
+        "embedder": {"_target_": PATCH, "hidden_size": hidden_size, "patch_size": patch_size, "image_size": image_size,
+                     "max_tokens": max_tokens, "in_chans": in_chans},
+    }
+
+
+def head_node(name: str, hidden_size: int, *, vocab_size: int | None = None, eps: float | None = None,
+              num_labels: int | None = None, labels: list[str] | None = None, num_images: int | None = None) -> dict:
+    """The node that builds task head ``name`` (a key of HEADS): the one place head nodes are made."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}: choose from {', '.join(HEADS)}")
+    node: dict[str, Any] = {"_target_": HEADS[name], "hidden_size": hidden_size}
+    if name == "mlm_score":
+        node.update(vocab_size=vocab_size, eps=eps)
+    elif name == "vqa_classifier":
+        node.update(num_labels=num_labels, labels=labels)
+    elif name == "nlvr2_classifier":
+        node.update(num_images=num_images, num_labels=num_labels, labels=labels)
+    return node
+
+
+def vilt_config(model: nn.Module) -> dict[str, Any]:
+    """The model node of ``model``'s architecture, read off its modules."""
+    from vlm.models.embedders.patch import PatchEmbedder
+
+    emb = model.embedder
+    if not isinstance(emb, PatchEmbedder):
+        raise ValueError(f"weight interop covers the patch embedder; this model has a {type(emb).__name__}")
+    block, d = model.blocks[0], model.hidden_size
+    return vilt_node(
+        hidden_size=d, num_layers=len(model.blocks), num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / d, patch_size=emb.patch_size, image_size=emb.grid * emb.patch_size,
+        vocab_size=model.text_embeddings.word_embeddings.num_embeddings,
+        max_text_len=model.text_embeddings.position_embeddings.num_embeddings, dropout=model.pos_drop.p,
+        layer_norm_eps=model.norm.eps, text_layer_norm_eps=model.text_embeddings.LayerNorm.eps,
+        qkv_bias=block.attn.qkv.bias is not None, num_modality_types=model.token_type_embeddings.num_embeddings,
+        max_tokens=emb.max_tokens, in_chans=emb.proj.in_channels,
+    )
+
+
+def head_config(name: str, head: nn.Module) -> dict[str, Any]:
+    """The node that builds ``head``, read off its modules."""
+    from vlm.models.heads import ITMHead, MLMHead, NLVR2Head, RankHead, VQAHead
+
+    if isinstance(head, ITMHead):
+        return head_node(name, head.fc.in_features)
+    if isinstance(head, MLMHead):
+        return head_node(name, head.decoder.in_features, vocab_size=head.decoder.out_features,
+                         eps=head.transform.LayerNorm.eps)
+    if isinstance(head, VQAHead):
+        return head_node(name, head[0].in_features, num_labels=head[3].out_features, labels=head.labels)
+    if isinstance(head, NLVR2Head):
+        return head_node(name, head[0].in_features // head.num_images, num_images=head.num_images,
+                         num_labels=head[3].out_features, labels=head.labels)
+    if isinstance(head, RankHead):
+        return head_node(name, head.in_features)
+    raise ValueError(f"no checkpoint layout for a {type(head).__name__} head")
+
+
+def heads_in(state: Mapping[str, Tensor], hidden_size: int, vocab_size: int | None, mlm_eps: float) -> dict[str, dict]:
+    """The node of each task head whose weights ``state`` holds (keyed as ours and the original checkpoints are)."""
+    heads = {}
+    if "itm_score.fc.weight" in state:
+        heads["itm_score"] = head_node("itm_score", hidden_size)
+    if "mlm_score.decoder.weight" in state:
+        heads["mlm_score"] = head_node("mlm_score", hidden_size, vocab_size=vocab_size, eps=mlm_eps)
+    if "vqa_classifier.3.weight" in state:
+        heads["vqa_classifier"] = head_node("vqa_classifier", hidden_size,
+                                            num_labels=state["vqa_classifier.3.weight"].shape[0])
+    if "nlvr2_classifier.3.weight" in state:
+        heads["nlvr2_classifier"] = head_node("nlvr2_classifier", hidden_size,
+                                              num_images=state["nlvr2_classifier.0.weight"].shape[1] // hidden_size,
+                                              num_labels=state["nlvr2_classifier.3.weight"].shape[0])
+    if "rank_output.weight" in state:
+        heads["rank_output"] = head_node("rank_output", hidden_size)
+    return heads
+
+
+def checkpoint(model: nn.Module, heads: Mapping[str, nn.Module] | None = None, source: str = "vlm") -> Checkpoint:
+    """Our checkpoint of ``model`` and its task ``heads`` (name -> module, names as in HEADS)."""
+    heads = dict(heads or {})
+    unknown = set(heads) - set(HEADS)
+    if unknown:
+        raise ValueError(f"unknown head name(s) {sorted(unknown)}: choose from {', '.join(HEADS)}")
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for name, head in heads.items():
+        state.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
+    return {"format": FORMAT, "source": source, "config": vilt_config(model),
+            "heads": {n: head_config(n, h) for n, h in heads.items()}, "state_dict": state}
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
+    """Write atomically: a file of that name is always a whole checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def build(ckpt: Checkpoint) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The model and heads a checkpoint describes, with its weights."""
+    cfg = ckpt.get("config")
+    if ckpt.get("source") == "vit" or not cfg:
+        raise ValueError(f"a {ckpt.get('source')} checkpoint does not describe a whole ViLT; use it as model.init_from")
+    unknown = [k for k, v in {**cfg, **cfg["embedder"]}.items() if v is None]
+    if unknown:
+        raise ValueError(f"the checkpoint does not record {', '.join(unknown)}: give it (e.g. --num-heads)")
+    state = split_state(ckpt["state_dict"])
+    model = instantiate(cfg)
+    model.load_state_dict(state.pop("model"))
+    heads = {}
+    for name, node in ckpt["heads"].items():
+        heads[name] = instantiate(node)
+        heads[name].load_state_dict(state.pop(name))
+    if state:
+        raise ValueError(f"weights of unknown module(s) in the checkpoint: {', '.join(sorted(state))}")
+    return model, heads
+
+
+def load_into(model: nn.Module, ckpt: Checkpoint, origin: str = "checkpoint") -> None:
+    """Load ``ckpt``'s transformer weights into ``model``, after checking that the architectures agree.
+
+    Every weight of the model must be in the checkpoint, except for a ViT, which initialises the
+    transformer and the patch projection and leaves the text side, modality types and pooler as they are.
+    """
+    state = split_state(ckpt["state_dict"]).get("model")
+    if not state:
+        raise ValueError(f"{origin}: holds no model weights")
+    _check_architecture(model, ckpt.get("config") or {}, origin)
+    own = model.state_dict()
+    state = _fit_position_table(state, own, origin)
+    state = _fit_modality_types(state, own, origin)
+    unexpected = sorted(state.keys() - own.keys())
+    if unexpected:
+        raise ValueError(f"{origin}: weights the model has no place for: {few(unexpected)}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{origin}: {k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+    missing = sorted(own.keys() - state.keys())
+    allowed = ckpt.get("source") == "vit"
+    if missing and not (allowed and all(k.startswith(NOT_IN_VIT) for k in missing)):
+        raise ValueError(f"{origin}: lacks {few(missing)}")
+    model.load_state_dict(state, strict=False)
+    kept = f"; new: {', '.join(sorted({k.split('.')[0] for k in missing}))}" if missing else ""
+    log.info("init_from %s: %d tensors (%s)%s", origin, len(state), ckpt.get("source"), kept)
+
+
+def load_heads(module: nn.Module, ckpt: Checkpoint, origin: str = "checkpoint") -> list[str]:
+    """Load every head of ``ckpt`` that ``module`` has under the same name (``itm_score``, ...); their names."""
+    state = split_state(ckpt["state_dict"])
+    loaded = []
+    for name in HEADS:
+        head = getattr(module, name, None)
+        if name in state and isinstance(head, nn.Module):
+            own = head.state_dict()
+            for k, v in state[name].items():
+                if k in own and v.shape != own[k].shape:
+                    raise ValueError(f"{origin}: {name}.{k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here")
+            head.load_state_dict(state[name])
+            loaded.append(name)
+    if loaded:
+        log.info("init_from %s: heads %s", origin, ", ".join(loaded))
+    return loaded
+
+
+def meta_module(node: Mapping[str, Any]) -> nn.Module:
+    """The module a node builds, on the meta device: its parameter names and shapes, no memory, no init time.
+
+    Entries a partial config leaves unknown get stand-ins (they change no name, and no shape that is used).
+    """
+    node = dict(node)
+    if node.get("_target_") == VILT:
+        stand_in = {"num_heads": 1, "vocab_size": 6, "max_text_len": 2, "text_layer_norm_eps": 1e-12,
+                    "num_modality_types": 2}
+        node.update({k: v for k, v in stand_in.items() if node.get(k) is None})
+    with torch.device("meta"):
+        return instantiate(node)
+
+
+def split_state(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{"model.a.b": t, "itm_score.fc.weight": u} -> {"model": {"a.b": t}, "itm_score": {"fc.weight": u}}."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        top, _, rest = key.partition(".")
+        out.setdefault(top, {})[rest] = value
+    return out
+
+
+def rename(key: str, rules) -> str:
+    """``key`` under the first (pattern, replacement) rule whose pattern matches its start."""
+    for pattern, repl in rules:
+        m = re.match(pattern, key)
+        if m:
+            return m.expand(repl) + key[m.end():]
+    raise KeyError(f"no rename rule for {key}")
+
+
+def take(state: Mapping[str, Tensor], names: list[str], used: set[str], what: str) -> Tensor:
+    """The tensor stored under ``names`` (several: concatenated, as q, k and v make qkv), marked as used."""
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"{what}: lacks {few(missing)}")
+    used.update(names)
+    return state[names[0]] if len(names) == 1 else torch.cat([state[n] for n in names])
+
+
+def few(keys, n: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "") if keys else "none"
+
+
+def _check_architecture(model: nn.Module, cfg: Mapping[str, Any], origin: str) -> None:
+    if not cfg:
+        return
+    own = vilt_config(model)
+    pairs = [(k, cfg.get(k), own[k], f"model.{k}") for k in ARCHITECTURE]
+    emb = cfg.get("embedder") or {}
+    pairs += [(k, emb.get(k), own["embedder"][k], f"model.embedder.{k}") for k in EMBEDDER_ARCHITECTURE]
+    for key, want, have, where in pairs:
+        if want is None:
+            continue
+        same = math.isclose(want, have, rel_tol=1e-9) if isinstance(want, float) else want == have
+        if not same:
+            raise ValueError(f"{origin} has {key}={want!r}, the model {key}={have!r}: set {where}={want!r}")
+
+
+def _fit_position_table(state: dict[str, Tensor], own: Mapping[str, Tensor], origin: str) -> dict[str, Tensor]:
+    """Resize the checkpoint's ViT position table to the model's grid when they differ (timm's resampling)."""
+    from timm.layers import resample_abs_pos_embed
+
+    key = "embedder.pos_embed"
+    if key not in state or state[key].shape == own[key].shape:
+        return state
+    old, new = math.isqrt(state[key].shape[1] - 1), math.isqrt(own[key].shape[1] - 1)
+    log.info("init_from %s: position table resized from %dx%d to %dx%d", origin, old, old, new, new)
+    return {**state, key: resample_abs_pos_embed(state[key], [new, new], [old, old], num_prefix_tokens=1)}
+
+
+def _fit_modality_types(state: dict[str, Tensor], own: Mapping[str, Tensor], origin: str) -> dict[str, Tensor]:
+    """A model with more modality types than the checkpoint (NLVR2's second image) starts them from the image row."""
+    key = "token_type_embeddings.weight"
+    if key not in state or state[key].shape[0] >= own[key].shape[0] or state[key].shape[0] < 2:
+        return state
+    extra = state[key][1:2].expand(own[key].shape[0] - state[key].shape[0], -1)
+    log.info("init_from %s: modality types %d..%d start from the image row", origin, state[key].shape[0], own[key].shape[0] - 1)
+    return {**state, key: torch.cat([state[key], extra])}
