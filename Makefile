@@ -10,7 +10,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -c constraints.txt -r requirements.txt
-	.venv/bin/pip install -q -c constraints.txt --no-deps -e .
+	.venv/bin/pip install -q -c constraints.txt -e ".[dev]"   # the package, its scripts (vlm-train, ...) and pytest
 	touch $(STAMP)
 
 train: $(STAMP)

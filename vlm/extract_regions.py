@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from vlm.cli import compose_train
 from vlm.config import building, check, reported
-from vlm.data.collate import ImageCollator
+from vlm.data.collate import ImageCollator, real_extent
 from vlm.data.regions import Regions, write_regions
 from vlm.data.stream import StreamLoader
 from vlm.models.embedders.region import RegionEmbedder
@@ -44,7 +44,7 @@ def extract(embedder: RegionEmbedder, loader, dtype: torch.dtype):
     for batch in loader:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             boxes, feats, mask = embedder.regions(batch.images, batch.pixel_mask, batch.boxes, max_tokens=-1)
-        heights, widths = batch.pixel_mask[:, :, 0].sum(1).tolist(), batch.pixel_mask[:, 0, :].sum(1).tolist()
+        heights, widths = (t.tolist() for t in real_extent(batch.pixel_mask))
         for i, key in enumerate(batch.keys):
             keep = mask[i]
             yield key, Regions(boxes[i][keep].float().numpy(), feats[i][keep].float().numpy(), widths[i], heights[i])

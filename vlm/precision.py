@@ -1,9 +1,8 @@
 """The precision a run computes in on this machine.
 
-bf16 autocast is about 3x faster than fp32 for a ViLT training step on a CPU that computes in bf16 natively
-(AVX-512 BF16 or AMX), and about 100x slower on one that does not (AVX2 only: a 1024^3 matmul ran at 0.8 GFLOP/s
-in bf16 against 100 in fp32 on such a 2-core machine). So the CPU trainer asks for ``precision: ${precision:auto}`` and gets
-whichever is fast here.
+bf16 autocast is much faster than fp32 on a CPU that computes in bf16 natively (AVX-512 BF16 or AMX), and far
+slower on one that does not (AVX2 only): the README has the figures. So the CPU trainer asks for
+``precision: ${precision:auto}`` and gets whichever is fast here.
 """
 
 from __future__ import annotations

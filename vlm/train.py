@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.callbacks import Throughput
-from vlm.cli import quote_brace_ranges
+from vlm.cli import CONF_DIR, quote_brace_ranges
 from vlm.config import building, check, check_run, devices_of, reported
 from vlm.loggers import close_loggers
 from vlm.precision import say_precision
@@ -78,7 +78,7 @@ def train(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")  # any working directory
 def _main(cfg: DictConfig) -> float | None:
     with reported("vlm.train"):  # inside the job too, so that Hydra adds no lines of its own
         return train(cfg)

@@ -110,3 +110,26 @@ def test_costs_rank_as_the_architectures_do():
     assert costs["patch"]["gflops"] < costs["region_data"]["gflops"] < costs["region_detector"]["gflops"]
     assert costs["grid"]["gflops"] > 50 * costs["patch"]["gflops"]
     assert costs["region_detector"]["trainable"] == costs["region_data"]["trainable"]  # the detector only proposes
+
+
+def test_freeze_is_applied_by_the_base_for_any_subclass():
+    """A new embedder only declares itself: the base freezes it once its own __init__ has made every parameter."""
+    from vlm.models.embedders.base import VisualEmbedder, VisualTokens
+
+    class Tiny(VisualEmbedder):
+        gives = frozenset({"boxes"})
+
+        def __init__(self, hidden_size: int, freeze: bool = False):
+            super().__init__(hidden_size, freeze=freeze)
+            self.proj = torch.nn.Linear(3, hidden_size)  # made after the base's __init__ returned
+
+        def forward(self, images, pixel_mask, boxes=None, box_features=None):
+            x = self.proj(images.mean((2, 3)))[:, None]
+            return VisualTokens(x, torch.ones(x.shape[:2], dtype=torch.bool))
+
+    assert not any(p.requires_grad for p in Tiny(8, freeze=True).parameters())
+    assert all(p.requires_grad for p in Tiny(8).parameters())
+    assert Tiny(8).lacks({"pos", "boxes"}) == ["pos"]
+    import inspect
+
+    assert list(inspect.signature(Tiny).parameters) == ["hidden_size", "freeze"]  # the config check still reads it

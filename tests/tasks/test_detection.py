@@ -49,3 +49,16 @@ def test_region_embedder_keeps_loaded_detector_weights_inside_vilt(tmp_path):
     emb = RegionEmbedder(hidden_size=16, box_source="detector", detector=lambda: SMALL_DETECTOR(weights=str(path)))
     ViLT(emb, vocab_size=20, hidden_size=16, num_layers=1, num_heads=2)  # its initialisation leaves the embedder alone
     torch.testing.assert_close(emb.detector.roi_heads.box_head.fc6.weight, src.roi_heads.box_head.fc6.weight)
+
+
+def test_detection_reads_no_text_so_trains_no_tokenizer(tmp_path):
+    """Its collate makes images and boxes only: no tokenizer is trained, no pretraining setting is zeroed."""
+    from vlm.data import export
+
+    files = export.export("webdataset", tmp_path / "web", 16, 8, shards=1)
+    cfg = compose_config(["experiment=detection", "data=webdataset", f"data.train_files={files['train'][0]}",
+                          f"data.val_files={files['val'][0]}", "logger=none", "debug=fdr", "data.image_size=64",
+                          "data.max_size=96", "model.returned_layers=[3,4]", "model.fpn_channels=32",
+                          "model.representation_size=32", "model.anchor_sizes=[32,64,128]"], output_dir=str(tmp_path))
+    train(cfg)
+    assert not (tmp_path / "web" / "tokenizer").exists()

@@ -155,6 +155,8 @@ class ImageTextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.generate is not None:
             self.generate.ensure()
+        if not self.reads_text:  # the task's batches hold no text (detection): no tokenizer to train
+            return
         path = self._tokenizer_dir()
         if self.tokenizer_path is None and not path.exists():
             texts = self._texts()
@@ -179,6 +181,11 @@ class ImageTextDataModule(L.LightningDataModule):
         return Path(files[0]).parent / "tokenizer"
 
     @property
+    def reads_text(self) -> bool:
+        """Whether the collate tokenises text (takes a tokenizer)."""
+        return "tokenizer" in inspect.signature(self.collate).parameters
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
             self.prepare_data()
@@ -194,8 +201,7 @@ class ImageTextDataModule(L.LightningDataModule):
         (one plain pass over every sample, as feature extraction wants)."""
         train = split == "train" and not one_pass
         parts = self.sources(split)
-        takes_text = "tokenizer" in inspect.signature(self.collate).parameters
-        collate = self.collate(tokenizer=self.tokenizer) if takes_text else self.collate()
+        collate = self.collate(tokenizer=self.tokenizer) if self.reads_text else self.collate()
         transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none")
         weights = [p.weight for p in self.parts.values()] if train else None
         return ShardStream(parts, transform, collate, self.device_batch_size, seed=self.seed,

@@ -67,7 +67,7 @@ class GridEmbedder(VisualEmbedder):
         if self.pos_embed is not None:
             pos = self.pos_embed(gh, gw)[None]
         else:
-            pos = sine_2d(valid[:, :, 0].sum(1), valid[:, 0, :].sum(1), gh, gw, d)
+            pos = sine_2d(*real_extent(valid), gh, gw, d)  # in cells
         x = x + pos.flatten(1, 2).to(x.dtype)
         index, token_mask = select_tokens(valid.flatten(1), self.max_tokens)
         heights, widths = real_extent(mask)

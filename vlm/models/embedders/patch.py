@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from torch import Tensor, nn
 
+from vlm.data.collate import real_extent
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
 from vlm.models.embedders.positions import resize_grid_table
 
@@ -46,7 +47,7 @@ class PatchEmbedder(VisualEmbedder):
         x = self.proj(images)  # [B, D, gh, gw]
         gh, gw = x.shape[2:]
         valid = F.interpolate(pixel_mask[:, None].float(), size=(gh, gw))[:, 0].bool()  # [B, gh, gw]
-        heights, widths = valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)
+        heights, widths = real_extent(valid)  # in patches
         table = self.pos_embed[0, 1:].T.reshape(d, self.grid, self.grid)
         pos = resize_grid_table(table, heights, widths, gh, gw).to(x.dtype).flatten(2).transpose(1, 2)
         x = x.flatten(2).transpose(1, 2) + pos

@@ -1,0 +1,38 @@
+"""VLTaskModule: the optimiser and schedule from config nodes, hyper-parameters a checkpoint keeps, build_task."""
+
+import pytest
+import torch
+
+from tests.conftest import SMALL_DATA, compose_config
+from vlm.train import build, train
+
+
+def test_another_optimiser_is_a_config_change(data_dir, tmp_path):
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none", "task.optimizer._target_=torch.optim.SGD",
+                          "~task.optimizer.betas", "~task.optimizer.eps", "+task.optimizer.momentum=0.9",
+                          "+task.lr_mults.mlm_score=10", "model.embedder.lr_mult=0.5"], output_dir=str(tmp_path))
+    _, task, trainer = build(cfg)
+    trainer.strategy.connect(task)
+    task.trainer = trainer
+    opt = task.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    names = {id(p): n for n, p in task.named_parameters()}
+    for group in opt.param_groups:
+        first = names[id(group["params"][0])]
+        assert group["weight_decay"] == (0.0 if first.endswith("bias") or "norm" in first.lower() else 0.01), first
+        want = 1e-3 * (10 if first.startswith("mlm_score.") else 0.5 if first.startswith("model.embedder.") else 1)
+        assert group["initial_lr"] == pytest.approx(want), first  # the schedule scales "lr" from there
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for p in task.parameters() if p.requires_grad)
+
+
+def test_a_training_checkpoint_describes_itself(data_dir, tmp_path):
+    """Its hyper-parameters hold the model node and the task's arguments, as plain values (weights_only loads them)."""
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none", "trainer.max_steps=1",
+                          "trainer.val_check_interval=1", "+trainer.limit_val_batches=1", "data.batch_size=8",
+                          "data.num_workers=0", "task.test_split=false", "task.objectives.wpa=0.2"], output_dir=str(tmp_path))
+    train(cfg)
+    hp = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["model"]["_target_"] == "vlm.models.vilt.ViLT" and hp["model"]["vocab_size"] > 0
+    assert hp["model"]["embedder"]["_target_"] == "vlm.models.embedders.patch.PatchEmbedder"
+    assert hp["objectives"]["wpa"] == 0.2 and hp["optimizer"]["_target_"] == "torch.optim.adamw.AdamW"
+    assert hp["optimizer"]["lr"] == 1e-3 and hp["scheduler"]["warmup"] == 0.1 and "model" not in hp.get("ignore", [])
