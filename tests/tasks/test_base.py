@@ -36,3 +36,21 @@ def test_a_training_checkpoint_describes_itself(data_dir, tmp_path):
     assert hp["model"]["embedder"]["_target_"] == "vlm.models.embedders.patch.PatchEmbedder"
     assert hp["objectives"]["wpa"] == 0.2 and hp["optimizer"]["_target_"] == "torch.optim.adamw.AdamW"
     assert hp["optimizer"]["lr"] == 1e-3 and hp["scheduler"]["warmup"] == 0.1 and "model" not in hp.get("ignore", [])
+
+
+def test_a_training_checkpoint_converts_without_its_runs_config(data_dir, tmp_path):
+    """No .hydra/config.yaml beside it (an in-process run writes none): the architecture comes from the checkpoint."""
+    import transformers
+
+    from vlm.convert import main
+
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none", "trainer.max_steps=1",
+                          "trainer.val_check_interval=1", "+trainer.limit_val_batches=1", "data.batch_size=8",
+                          "data.num_workers=0", "task.test_split=false"], output_dir=str(tmp_path / "run"))
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert not (tmp_path / "run" / ".hydra").exists()
+    main(["--from", str(ckpt), "--to-hf", str(tmp_path / "hf")])
+    hf = transformers.ViltModel.from_pretrained(tmp_path / "hf")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(hf.pooler.dense.weight, state["model.pooler.dense.weight"])
