@@ -287,3 +287,12 @@ def test_resume_with_a_new_max_steps_keeps_the_schedule_or_is_refused(data_dir, 
                                              str(tmp_path / "d")))
     assert [longer[k] for k in sorted(longer)][:4] == pytest.approx([full[4], full[5], full[6], full[7]], rel=1e-12)
     assert longer[8] == longer[9] == 0.0
+
+
+def test_a_first_run_writes_the_built_in_data_before_checking_its_files(tmp_path, capsys):
+    """What `make train` does on a fresh clone: nothing under paths.data_dir yet."""
+    cfg = compose_config([f"paths.data_dir={tmp_path / 'data'}", *SMALL_DATA, "debug=fdr", "logger=none",
+                          "data.image_size=64", "data.max_size=96"], output_dir=str(tmp_path / "run"))
+    train(cfg)
+    assert "synthetic: wrote 384 samples" in capsys.readouterr().out
+    assert (tmp_path / "data" / "synthetic" / "tokenizer").is_dir()

@@ -147,7 +147,10 @@ class ImageTextDataModule(L.LightningDataModule):
         return out
 
     def check_files(self) -> None:
-        """List every split's shards now (they are cached), so that a missing file stops the run at its start."""
+        """List every split's shards now (they are cached), so that a missing file stops the run at its start;
+        the built-in data is written first if it is not there yet."""
+        if self.generate is not None:
+            self.generate.ensure()
         for split in SPLITS:
             if self.has_split(split):
                 self.sources(split)
