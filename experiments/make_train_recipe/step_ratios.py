@@ -24,6 +24,8 @@ ARMS = {  # the arm -> overrides of make train's config
     "4 layers, MLM on half": ["model.num_layers=4"],
     "3 layers, MLM on all": ["task.mlm_batch_fraction=1.0"],
     "3 layers, MLM on half (make train)": [],
+    "2 layers, MLM on half": ["model.num_layers=2"],
+    "3 layers, MLM on half, no WPA": ["task.objectives.wpa=0"],
 }
 
 

@@ -20,7 +20,7 @@ from vlm.errors import ConfigError, DataError
 from vlm.models import weights
 from vlm.tasks.optim import make_optimizer, warmup_linear
 
-# keys of the model node that `build_task` fills in or reads itself (the config check leaves them to it)
+# config keys `build_task` fills in or reads itself, not the classes they sit under (the check leaves them to it)
 HANDLED = frozenset({"model.vocab_size", "model.init_from", "task.collate"})
 
 
@@ -34,7 +34,7 @@ class VLTaskModule(L.LightningModule):
     end-of-run evaluation also reads the data's test split. The init arguments (the model's architecture,
     added by `build_task`) are saved as hyper-parameters, so a training checkpoint says what it holds.
 
-    A subclass sets ``self.network`` (the module whose parameters and cost are reported) and the steps.
+    A subclass provides ``network`` (a property: the module whose parameters and cost are reported) and the steps.
     """
 
     network: nn.Module
@@ -54,7 +54,8 @@ class VLTaskModule(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------------------
 
     def lr_mults(self) -> dict[str, float]:
-        """Parameter-name prefix -> learning-rate factor: the embedder's ``lr_mult``, then ``lr_mults``."""
+        """Parameter-name prefix -> learning-rate factor: ``lr_mults``, then the embedder's ``lr_mult`` (the first
+        prefix that matches a parameter's name is its factor)."""
         embedder = getattr(self.network, "embedder", None)
         own = {f"{self._name_of(self.network)}.embedder.": embedder.lr_mult} if embedder is not None else {}
         return {**{f"{k.rstrip('.')}.": v for k, v in self.extra_lr_mults.items()}, **own}
