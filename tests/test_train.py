@@ -22,7 +22,7 @@ def test_cli_fast_dev_run(data_dir, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "val/itm_acc" in res.stdout and "val/mlm_acc" in res.stdout and "majority baseline" in res.stdout
+    assert "val/itm_acc" in res.stdout and "val/mlm_acc" in res.stdout and "trivial baseline" in res.stdout
     assert "skipped 0 samples" in res.stdout
     # the model summary prints parameters, not Lightning's FLOPs (zeros without an example input)
     assert "Trainable params" in res.stdout and "FLOPs" not in res.stdout

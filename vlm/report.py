@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from rich.console import Console
 from rich.table import Table
 
-# each metric's baseline: what the trivial predictor scores on the same targets
-BASELINES = {"val/itm_acc": "val/itm_majority", "val/mlm_acc": "val/mlm_majority", "val/mpp_acc": "val/mpp_majority"}
+_RECALL = re.compile(r"(?:itc_)?(ir|tr)_r(\d+)")
+
+
+def baseline(name: str, metrics: dict) -> float | None:
+    """What the trivial predictor scores on the same targets: ``S/X_majority`` beside ``S/X_acc`` and
+    ``S/X_score`` (always the most frequent label or answer); chance for retrieval's R@k over the ranked set
+    (``S/images``, ``S/texts``: an image's captions are texts / images of them, drawn without replacement)."""
+    split, _, metric = name.partition("/")
+    for suffix in ("_acc", "_score"):
+        if metric.endswith(suffix):
+            return metrics.get(f"{split}/{metric[: -len(suffix)]}_majority")
+    m = _RECALL.fullmatch(metric)
+    n_img, n_txt = metrics.get(f"{split}/images"), metrics.get(f"{split}/texts")
+    if m is None or not n_img or not n_txt:
+        return None
+    k = int(m.group(2))
+    if m.group(1) == "ir":
+        return min(1.0, k / n_img)
+    own, miss = n_txt / n_img, 1.0
+    for j in range(min(k, int(n_txt))):
+        miss *= max(0.0, (n_txt - own - j) / (n_txt - j))
+    return 1.0 - miss
 
 
 def print_metrics(metrics: dict, title: str = "final validation") -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_column("majority baseline", justify="right")
-    shown_as_baseline = set(BASELINES.values())
+    table.add_column("trivial baseline", justify="right")  # majority label or answer; chance for R@k
     for name in sorted(metrics):
-        if name in shown_as_baseline:
+        if name.endswith("_majority"):
             continue
-        base = metrics.get(BASELINES.get(name, ""))
+        base = baseline(name, metrics)
         table.add_row(name, f"{float(metrics[name]):.4f}", "" if base is None else f"{float(base):.4f}")
     Console(width=100).print(table)
 

@@ -15,6 +15,7 @@ import torch
 from annotated_types import Ge, Interval
 from torch import Tensor
 
+from vlm.data.answers import AnswerVocab
 from vlm.data.sample import Sample
 from vlm.models.objectives import IGNORE
 
@@ -39,6 +40,16 @@ class Batch:
     boxes: list[Tensor] | None = None  # per image [K, 4] pixel xyxy in the transformed frame
     box_labels: list[Tensor] | None = None
     box_features: list[Tensor] | None = None  # per image [K, F] features of ``boxes``, from a region file
+    images2: Tensor | None = None  # the second image of each example (NLVR2), padded on its own
+    pixel_mask2: Tensor | None = None
+    targets: Tensor | None = None  # the task's: VQA soft scores [B, answers], NLVR2 labels [B]
+    answers: list[list[str] | None] | None = None  # VQA: each question's human answers (for the official accuracy)
+    answer_types: list[str | None] | None = None
+    answers_outside: int = 0  # VQA: human answers of this batch outside the answer vocabulary (no target)
+    question_ids: list | None = None
+    captions_ids: Tensor | None = None  # retrieval: every caption of every image, [T, L] ...
+    captions_mask: Tensor | None = None
+    captions_image: Tensor | None = None  # [T]: the image (row of this batch) each caption describes
     position: tuple[int, dict] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -61,7 +72,8 @@ def rows_of(batch: Batch, k: int) -> Batch:
     def cut(v):
         return v[:k] if isinstance(v, (Tensor, list)) else v
 
-    return replace(batch, **{f.name: cut(getattr(batch, f.name)) for f in fields(batch) if f.name not in ("position", "skipped")})
+    unrowed = ("position", "skipped", "answers_outside", "captions_ids", "captions_mask", "captions_image")
+    return replace(batch, **{f.name: cut(getattr(batch, f.name)) for f in fields(batch) if f.name not in unrowed})
 
 
 def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -194,4 +206,57 @@ class PretrainCollator(Collator):
             )
         if self.itm_neg_fraction > 0:
             batch.itm_index, batch.itm_labels = itm_negatives(len(samples), rng, self.itm_neg_fraction)
+        return batch
+
+
+class VQACollator(Collator):
+    """`Collator`'s batch (the question as the text) and each question's soft target over ``answers`` (ViLT's
+    0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >= 4 annotators); answers outside the vocabulary get no target and
+    are counted (``answers_outside``)."""
+
+    def __init__(self, tokenizer, answers: AnswerVocab, max_text_len: Annotated[int, Ge(2)] = 40):
+        super().__init__(tokenizer, max_text_len)
+        self.vocab = answers
+
+    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> Batch:
+        batch = super().__call__(samples, rng)
+        batch.targets = torch.zeros(len(samples), len(self.vocab))
+        batch.answers = [s.extra.get("answers") for s in samples]
+        batch.answer_types = [s.extra.get("answer_type") for s in samples]
+        batch.question_ids = [s.extra.get("question_id", s.key) for s in samples]
+        for row, answers in enumerate(batch.answers):
+            if answers:
+                inside, outside = self.vocab.targets(answers)
+                for k, score in inside.items():
+                    batch.targets[row, k] = score
+                batch.answers_outside += outside
+        return batch
+
+
+class NLVR2Collator(Collator):
+    """`Collator`'s batch (the statement, the left images), the right images padded on their own and the
+    labels (1: the statement holds for the pair)."""
+
+    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> Batch:
+        batch = super().__call__(samples, rng)
+        batch.images2, batch.pixel_mask2 = pad_images([s.image2 for s in samples])
+        batch.targets = torch.tensor([int(bool(s.extra["label"])) for s in samples])
+        return batch
+
+
+class RetrievalCollator(Collator):
+    """`Collator`'s batch (one caption per image: this epoch's draw) and every caption of every image
+    (``captions_*``: Karpathy's five), the set an evaluation ranks."""
+
+    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> Batch:
+        batch = super().__call__(samples, rng)
+        texts, owner = [], []
+        for row, s in enumerate(samples):
+            for t in s.captions or [s.text]:
+                texts.append(t)
+                owner.append(row)
+        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                  return_tensors="pt")
+        batch.captions_ids, batch.captions_mask = encoding["input_ids"], encoding["attention_mask"]
+        batch.captions_image = torch.tensor(owner)
         return batch

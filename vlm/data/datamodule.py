@@ -14,10 +14,11 @@ import lightning as L
 import torch
 from annotated_types import Ge
 
+from vlm.data.answers import AnswerVocab
 from vlm.data.collate import Batch, Collator, ImageCollator
 from vlm.data.decode import REASONS
 from vlm.data.regions import RegionFile
-from vlm.data.sources import Shard, Source, WebDataset, expand_files
+from vlm.data.sources import Shard, Source, WebDataset, expand_files, read_shard
 from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
 from vlm.data.synthetic import SyntheticData
 from vlm.data.tokenizer import load_tokenizer, train_wordpiece
@@ -81,6 +82,7 @@ class ImageTextDataModule(L.LightningDataModule):
         max_bad_run: Annotated[int, Ge(1)] | None = None,
         generate: SyntheticData | None = None,
         region_features: str | None = None,
+        answer_min_count: Annotated[int, Ge(1)] = 9,
     ):
         super().__init__()
         self.mixed = bool(mix)
@@ -105,6 +107,8 @@ class ImageTextDataModule(L.LightningDataModule):
                        "max_bad_run": max_bad_run}
         self.generate = generate
         self.region_features = region_features
+        self.answer_min_count = answer_min_count
+        self._answer_vocab = None
         self.progress = StreamProgress()
         self.skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
         self._tokenizer = None
@@ -199,12 +203,34 @@ class ImageTextDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    @property
+    def answer_vocab(self) -> AnswerVocab:
+        """VQA's answer classes: the training questions' answers given ``answer_min_count`` times or more (built
+        once per process, from the training files, the same on every rank)."""
+        if self._answer_vocab is None:
+            def answer_lists():
+                for source, shards in self.sources("train"):
+                    for shard in shards:
+                        for ex in read_shard(source, shard):
+                            answers = (ex.get("extra") or {}).get("answers")
+                            if answers:
+                                yield answers
+            try:
+                self._answer_vocab = AnswerVocab.build(answer_lists(), self.answer_min_count)
+            except ValueError as e:
+                raise DataError(f"answer_min_count={self.answer_min_count}: {e} in train_files") from None
+        return self._answer_vocab
+
     def stream(self, split: str, one_pass: bool = False) -> ShardStream:
         """The split's stream; training's is endless, shuffled, augmented and mixed by weight unless ``one_pass``
         (one plain pass over every sample, as feature extraction wants)."""
         train = split == "train" and not one_pass
         parts = self.sources(split)
-        collate = self.collate(tokenizer=self.tokenizer) if self.reads_text else self.collate()
+        wants = inspect.signature(self.collate).parameters
+        given = {"tokenizer": self.tokenizer} if self.reads_text else {}
+        if "answers" in wants:
+            given["answers"] = self.answer_vocab
+        collate = self.collate(**given)
         transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none")
         weights = [p.weight for p in self.parts.values()] if train else None
         return ShardStream(parts, transform, collate, self.device_batch_size, seed=self.seed,

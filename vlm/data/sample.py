@@ -12,11 +12,11 @@ from torch import Tensor
 class Sample:
     """What a source has for one example, decoded and transformed.
 
-    ``image`` [3, H, W] normalised (`vlm.data.transforms`); ``text`` the caption this epoch reads, ``captions``
+    ``image`` [3, H, W] normalised (`vlm.data.transforms`), ``image2`` a second one where the example has two
+    (NLVR2's pair); ``text`` the caption this epoch reads, ``captions``
     all of them where the source has several; ``boxes`` [K, 4] pixel xyxy in the transformed frame with their
     ``box_labels``, and ``box_features`` [K, F] where a region file gives them; ``extra``: whatever else the
-    source's record holds (the built-in scenes' questions and answers, their pair statement), for the tasks that
-    read it. A collate (`vlm.data.collate`) turns a list of them into the `Batch` its task reads.
+    source's record holds (a question's answers and type, a pair statement's label), for the tasks that read it. A collate (`vlm.data.collate`) turns a list of them into the `Batch` its task reads.
     """
 
     key: str
@@ -27,3 +27,4 @@ class Sample:
     box_labels: Tensor | None = None
     box_features: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    image2: Tensor | None = None

@@ -5,7 +5,8 @@ read on their own â€” a tar, a parquet row group, a slice of a metadata table â€
 ``read(shard)`` yields that unit's raw examples::
 
     {"key": str, "image": bytes | None, "image_path": str (instead of bytes), "text": str | list[str] | None,
-     "boxes": [[x1, y1, x2, y2], ...], "box_labels": [...], "extra": {the record's other fields}, "bad": reason}
+     "boxes": [[x1, y1, x2, y2], ...], "box_labels": [...], "extra": {the record's other fields}, "bad": reason,
+     "image2" / "image2_path": a second image (NLVR2's pair)}
 
 Which shards a worker reads and in which order is `ShardStream`'s business, and decoding is
 `vlm.data.decode`'s: a source never decodes an image, so one broken file costs one sample. A source marks

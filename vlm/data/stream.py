@@ -220,7 +220,7 @@ class ShardStream(IterableDataset):
         text, captions = self._caption(ex, epoch)
         data = read_bytes(ex["image_path"]) if "image_path" in ex else ex.get("image")
         img = decode_image(data, self.min_image_side, self.max_aspect)
-        sample, dropped = Sample(str(ex["key"]), None, text, captions, extra=dict(ex.get("extra") or {})), 0
+        sample, dropped = Sample(str(ex["key"]), None, text=text, captions=captions, extra=dict(ex.get("extra") or {})), 0
         if ex.get("boxes") is not None:  # bad boxes are dropped and counted, not their sample
             boxes, labels, dropped = clean_boxes(ex["boxes"], ex.get("box_labels"), img.height, img.width)
             sample.image, boxes = self.transform(img, boxes)
@@ -229,6 +229,9 @@ class ShardStream(IterableDataset):
             sample.boxes, sample.box_labels = boxes[kept], labels[kept]
         else:
             sample.image = self.transform(img)
+        if "image2" in ex or "image2_path" in ex:  # a second image (NLVR2's pair), transformed on its own
+            data2 = read_bytes(ex["image2_path"]) if "image2_path" in ex else ex.get("image2")
+            sample.image2 = self.transform(decode_image(data2, self.min_image_side, self.max_aspect))
         if self.regions is not None:
             regions = self.regions.sample_fields(ex["key"], *sample.image.shape[-2:])
             sample.boxes, sample.box_labels, sample.box_features = regions["boxes"], regions["box_labels"], regions["box_features"]

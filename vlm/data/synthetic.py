@@ -214,14 +214,29 @@ def render(seed: int, split: str, index: int, w: int, h: int, objs: list[Obj]) -
     return img
 
 
+def jpeg(img: Image.Image) -> bytes:
+    """A scene's file bytes (the same for the same pixels: PIL's encoder is deterministic)."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def scene_jpeg(seed: int, split: str, index: int) -> bytes:
+    """The bytes of scene ``index``'s ``KEY.jpg``, drawn again rather than read (a pure function of its arguments)."""
+    return jpeg(render(seed, split, index, *layout(seed, split, index)))
+
+
+def partner_of(seed: int, split: str, index: int, total: int) -> int:
+    """The scene a scene's pair statement is about (any other scene of the split)."""
+    return (index + 1 + int(np.random.default_rng([seed, 99, SPLITS[split], index]).integers(total - 1))) % total
+
+
 def make_sample(seed: int, split: str, index: int, partner: int) -> tuple[str, bytes, dict]:
     w, h, objs = layout(seed, split, index)
     img = render(seed, split, index, w, h, objs)
     partner_objs = layout(seed, split, partner)[2]
     rng = np.random.default_rng([seed, SPLITS[split], index, 2])
     statement, label = _pair_statement(objs, partner_objs, rng)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
     key = f"{split}-{index:07d}"
     meta = {
         "caption": _caption(objs, rng),
@@ -233,7 +248,7 @@ def make_sample(seed: int, split: str, index: int, partner: int) -> tuple[str, b
         "qa": _questions(objs, rng, _combos(split)),
         "pair": {"partner": f"{split}-{partner:07d}", "statement": statement, "label": label},
     }
-    return key, buf.getvalue(), meta
+    return key, jpeg(img), meta
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -248,8 +263,7 @@ def write_shard(path: str, seed: int, split: str, start: int, stop: int, total: 
     tmp = f"{path}.tmp{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(start, stop):
-            partner = (i + 1 + int(np.random.default_rng([seed, 99, SPLITS[split], i]).integers(total - 1))) % total
-            key, jpg, meta = make_sample(seed, split, i, partner)
+            key, jpg, meta = make_sample(seed, split, i, partner_of(seed, split, i, total))
             _add(tar, f"{key}.jpg", jpg)
             _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
     os.replace(tmp, path)

@@ -207,6 +207,31 @@ class ViLT(nn.Module):
         )
 
 
+    def unimodal(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                 visual: VisualTokens | None = None) -> Tensor:
+        """The transformer over one modality alone, the text or the visual tokens: its CLS state [B, D] after
+        the final norm. What a dual-encoder score (retrieval's first stage) compares: each side once."""
+        if visual is None:
+            x = self.text_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+            mask = attention_mask.bool()
+        else:
+            x, mask = self.embed_image(visual)
+        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.norm(x[:, 0])
+
+    def add_modality_type(self) -> int:
+        """One more modality type, starting from the image row (ViLT's NLVR2: the second image); its index."""
+        old = self.token_type_embeddings
+        new = nn.Embedding(old.num_embeddings + 1, old.embedding_dim).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[:-1] = old.weight
+            new.weight[-1] = old.weight[1]
+        self.token_type_embeddings = new
+        return new.num_embeddings - 1
+
+
 def init_weights(module: nn.Module) -> None:
     """ViLT's initialisation for new modules: N(0, 0.02) weights, zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):

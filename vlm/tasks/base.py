@@ -21,7 +21,7 @@ from vlm.models import weights
 from vlm.tasks.optim import make_optimizer, warmup_linear
 
 # config keys `build_task` fills in or reads itself, not the classes they sit under (the check leaves them to it)
-HANDLED = frozenset({"model.vocab_size", "model.init_from", "task.collate"})
+HANDLED = frozenset({"model.vocab_size", "model.init_from", "task.collate", "task.answers"})
 
 
 class VLTaskModule(L.LightningModule):
@@ -101,6 +101,11 @@ class VLTaskModule(L.LightningModule):
                 out.update(cb.summary())
         return out
 
+    def start_heads(self, ckpt: dict, origin: str) -> list[str]:
+        """Start this task's heads from a checkpoint's (``model.init_from``): those of the same name; a task whose
+        head starts from another's (retrieval's rank head from ITM) says so here."""
+        return weights.load_heads(self, ckpt, origin=origin)
+
     def autocast(self):
         """A fresh context computing in the trainer's precision (for work outside Lightning's loops)."""
         return self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
@@ -118,6 +123,8 @@ def build_task(task_node: DictConfig, model_node: DictConfig, datamodule, init: 
     model, node = build_model(model_node, lambda: datamodule.vocab_size)
     task_cfg = OmegaConf.to_container(task_node, resolve=True)
     task_cfg.pop("collate", None)
+    if "answers" in task_cfg and task_cfg["answers"] is None:  # VQA's classes: the data's answer vocabulary
+        task_cfg["answers"] = datamodule.answer_vocab.answers
     ckpt = None
     if init_from:
         with building("model.init_from"):
@@ -131,7 +138,9 @@ def build_task(task_node: DictConfig, model_node: DictConfig, datamodule, init: 
         task = instantiate(task_cfg, model=model)
     if ckpt is not None:
         with building("model.init_from"):
-            weights.load_heads(task, ckpt, origin=str(init_from))
+            task.start_heads(ckpt, origin=str(init_from))
+    if hasattr(model, "token_type_embeddings") and "num_modality_types" in node:  # a task may add one (NLVR2)
+        node["num_modality_types"] = model.token_type_embeddings.num_embeddings
     task.hparams["model"] = node
     return task
 
