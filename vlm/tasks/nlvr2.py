@@ -41,11 +41,15 @@ class NLVR2LitModule(VLTaskModule):
     def network(self) -> ViLT:
         return self.model
 
-    def forward(self, batch: Batch) -> Tensor:
+    def pair_features(self, batch: Batch) -> Tensor:
+        """[B, 2D]: the pooled output of the statement with the left image (type 1), then with the right (type 2)."""
         left = self.model(batch.input_ids, batch.attention_mask, batch.images, batch.pixel_mask, image_token_type=1)
         right = self.model(batch.input_ids, batch.attention_mask, batch.images2, batch.pixel_mask2,
                            image_token_type=self.second_type)
-        return self.nlvr2_classifier(torch.cat([left.pooler_output, right.pooler_output], dim=-1)).float()
+        return torch.cat([left.pooler_output, right.pooler_output], dim=-1)
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.nlvr2_classifier(self.pair_features(batch)).float()
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits = self(batch)

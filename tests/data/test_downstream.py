@@ -1,0 +1,152 @@
+"""The downstream layouts on tiny files written here (VQAv2's json pair, NLVR2's json lines, Karpathy's json),
+the built-in scenes' questions and pairs, and their collates; bad records skipped and counted by reason."""
+
+import io
+import json
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm.data import export
+from vlm.data.answers import AnswerVocab
+from vlm.data.collate import NLVR2Collator, RetrievalCollator, VQACollator
+from vlm.data.downstream import NLVR2, VQAv2, SyntheticNLVR2, SyntheticVQA, nlvr2_label
+from vlm.data.sources import CocoKarpathy, WebDataset
+from vlm.data.stream import ShardStream, StreamLoader
+from vlm.data.synthetic import scene_jpeg
+from vlm.data.tokenizer import load_tokenizer
+from vlm.data.transforms import build_transform
+
+
+@pytest.fixture(scope="module")
+def tokenizer(synthetic):
+    return load_tokenizer(f"{synthetic.root}/tokenizer")
+
+
+def stream(source, files, collate, split="train", batch=4):
+    s = ShardStream([(source, source.shards(files, split))], build_transform(64, 96), collate, batch, shuffle=False)
+    batches = list(StreamLoader(s, None, num_workers=0))
+    return batches, sum((Counter(b.skipped) for b in batches), Counter())
+
+
+def png(path, color=(200, 30, 30), size=(48, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def write_vqa(root):
+    """A train2014 questions file and its annotations: q1 (10 answers), q2 (answers missing), q3 (image missing)."""
+    png(root / "train2014" / "COCO_train2014_000000000001.jpg")
+    questions = {"data_subtype": "train2014", "questions": [
+        {"image_id": 1, "question": "what color is it?", "question_id": 10},
+        {"image_id": 1, "question": "is it red?", "question_id": 11},
+        {"image_id": 2, "question": "how many?", "question_id": 12}]}
+    answers = ["red"] * 3 + ["Red."] + ["dark red"] * 2 + ["maroon"] * 4
+    annotations = {"data_subtype": "train2014", "annotations": [
+        {"question_id": 10, "image_id": 1, "answer_type": "other", "answers": [{"answer": a} for a in answers]},
+        {"question_id": 12, "image_id": 2, "answer_type": "number", "answers": [{"answer": "2"}] * 10}]}
+    (root / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps(questions))
+    (root / "v2_mscoco_train2014_annotations.json").write_text(json.dumps(annotations))
+    return str(root / "v2_OpenEnded_mscoco_train2014_questions.json")
+
+
+def test_vqav2_questions_answers_and_images(tmp_path, tokenizer):
+    files = write_vqa(tmp_path)
+    source = VQAv2(cache_dir=str(tmp_path / "cache"))
+    raw = [ex for shard in source.shards(files, "train") for ex in source.read(shard)]
+    assert [ex.get("bad") for ex in raw] == [None, "missing_answers", None]
+    assert raw[0]["text"] == "what color is it?" and len(raw[0]["extra"]["answers"]) == 10
+    assert raw[0]["image_path"].endswith("train2014/COCO_train2014_000000000001.jpg")
+    vocab = AnswerVocab.build([raw[0]["extra"]["answers"]], min_count=2)
+    assert vocab.answers == ["maroon", "red", "dark red"]  # "Red." normalises to "red": 4 of 10, tied with maroon
+    batches, skipped = stream(source, files, VQACollator(tokenizer, vocab, 24))
+    assert skipped == {"missing_answers": 1, "missing_image": 1}
+    (b,) = batches
+    assert b.question_ids == [10] and b.answer_types == ["other"]
+    assert b.targets[0].tolist() == pytest.approx([1.0, 1.0, 0.6])  # 4 annotators -> 1.0, 4 -> 1.0, 2 -> 0.6
+    assert b.answers_outside == 0
+
+
+def test_vqav2_without_annotations_gives_questions_only(tmp_path):
+    files = write_vqa(tmp_path)
+    source = VQAv2(annotations=str(tmp_path / "none-*.json"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError):  # a pattern that names nothing is a config error
+        source.shards(files, "test")
+    (tmp_path / "other_annotations.json").write_text(json.dumps({"data_subtype": "val2014", "annotations": []}))
+    source = VQAv2(annotations=str(tmp_path / "other_annotations.json"), cache_dir=str(tmp_path / "cache"))
+    raw = [ex for shard in source.shards(files, "test") for ex in source.read(shard)]
+    assert len(raw) == 3 and all("answers" not in ex["extra"] for ex in raw)  # test-dev: predictions only
+
+
+def test_vqa_answers_outside_the_vocabulary_are_counted_not_targets(tokenizer):
+    from vlm.data.sample import Sample
+
+    vocab = AnswerVocab(["yes", "no"])
+    s = Sample("q", torch.zeros(3, 32, 32), "is it?", extra={"answers": ["yes"] * 2 + ["maybe"] * 8})
+    b = VQACollator(tokenizer, vocab)([s], None)
+    assert b.targets[0].tolist() == pytest.approx([0.6, 0.0]) and b.answers_outside == 8
+
+
+def write_nlvr2(root):
+    for name in ("dev-1-0-img0.png", "dev-1-0-img1.png", "dev-2-0-img0.png"):
+        png(root / "dev" / name)
+    png(root / "train" / "7" / "train-5-1-img0.png", (0, 0, 200))
+    png(root / "train" / "7" / "train-5-1-img1.png", (0, 200, 0))
+    lines = [
+        json.dumps({"identifier": "dev-1-0-0", "sentence": "both are red.", "label": "True"}),
+        "{not json",
+        json.dumps({"identifier": "dev-1-0-1", "sentence": "one is blue.", "label": "maybe"}),
+        json.dumps({"identifier": "dev-2-0-0", "sentence": "a pair with one image.", "label": "False"}),
+        json.dumps({"identifier": "dev-3-0-0", "sentence": "no images at all.", "label": "False"}),
+        json.dumps({"identifier": "train-5-1-0", "directory": 7, "sentence": "left blue.", "label": "False"}),
+    ]
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root / "pairs.jsonl")
+
+
+def test_nlvr2_lines_pairs_and_bad_lines(tmp_path, tokenizer):
+    files = write_nlvr2(tmp_path)
+    source = NLVR2(image_root=str(tmp_path / "{split}"), rows_per_shard=4)
+    assert len(source.shards(files, "val")) == 2
+    batches, skipped = stream(source, files, NLVR2Collator(tokenizer, 24), split="val")
+    assert skipped == {"bad_json": 1, "bad_label": 1, "missing_pair_image": 1, "missing_image": 1}
+    assert [k for b in batches for k in b.keys] == ["dev-1-0-0", "train-5-1-0"]
+    assert torch.cat([b.targets for b in batches]).tolist() == [1, 0]
+    b = batches[-1]
+    # the train line's images come from its directory: left blue, right green (normalised, so compare signs)
+    left, right = b.images[-1, :, 0, 0], b.images2[-1, :, 0, 0]
+    assert left[2] > left[1] and right[1] > right[2]
+    assert nlvr2_label(True) is True and nlvr2_label(" false ") is False and nlvr2_label(1) is None
+
+
+def test_karpathy_retrieval_all_captions_and_an_entry_without(tmp_path, tokenizer):
+    path = export.write_coco_karpathy(tmp_path, {"train": 3, "val": 2, "test": 1}, captions_per_image=5)
+    data = json.loads(open(path).read())
+    data["images"][3]["sentences"] = []  # a val image with no captions
+    open(path, "w").write(json.dumps(data))
+    source = CocoKarpathy(per="image", cache_dir=str(tmp_path / "cache"))
+    batches, skipped = stream(source, path, RetrievalCollator(tokenizer, 24), split="val")
+    assert skipped == {"missing_caption": 1}
+    (b,) = batches
+    assert len(b) == 1 and b.captions_ids.shape[0] == 5 and b.captions_image.tolist() == [0] * 5
+
+
+def test_synthetic_questions_and_pairs(synthetic, tokenizer):
+    files = f"{synthetic.root}/val-*.tar"
+    scenes = [ex for shard in WebDataset().shards(files, "val")[:1] for ex in WebDataset().read(shard)]
+    questions = [ex for shard in SyntheticVQA().shards(files, "val")[:1] for ex in SyntheticVQA().read(shard)]
+    assert len(questions) == sum(len(ex["extra"]["qa"]) for ex in scenes)
+    assert questions[0]["key"] == f"{scenes[0]['key']}-q0" and questions[0]["extra"]["answers"] == [scenes[0]["extra"]["qa"][0]["answer"]] * 10
+    pairs = list(SyntheticNLVR2(seed=synthetic.seed).read(SyntheticNLVR2().shards(files, "val")[0]))
+    by_key = {ex["key"]: ex["image"] for ex in scenes}
+    for ex, scene in zip(pairs, scenes):
+        partner = scene["extra"]["pair"]["partner"]
+        assert ex["text"] == scene["extra"]["pair"]["statement"] and ex["extra"]["label"] == scene["extra"]["pair"]["label"]
+        if partner in by_key:  # the right image drawn again is the partner's file, byte for byte
+            assert ex["image2"] == by_key[partner]
+    split, _, index = partner.rpartition("-")
+    assert Image.open(io.BytesIO(scene_jpeg(synthetic.seed, split, int(index)))).size[0] > 0
+    labels = [ex["extra"]["label"] for ex in pairs]
+    assert 0.2 < sum(labels) / len(labels) < 0.8  # both answers occur

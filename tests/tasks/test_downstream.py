@@ -1,0 +1,121 @@
+"""The downstream tasks: NLVR2's pair wiring, retrieval's negatives and rank head, VQA's loss and metric, and
+`python -m vlm.evaluate` on a fine-tuned checkpoint (predictions in EvalAI's format)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, SMALL_DATA, compose_config
+from vlm.data.collate import Batch
+from vlm.models.heads import ITMHead
+from vlm.train import build, train
+
+TINY = ["logger=none", "data.num_workers=0", "trainer.val_check_interval=2", "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1", "trainer.max_steps=2"]
+
+
+def built(data_dir, tmp_path, task, *extra):
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, f"task={task}", f"data=synthetic_{task}", *TINY,
+                          *extra], output_dir=str(tmp_path))
+    return build(cfg)
+
+
+def pair_batch(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(keys=[str(i) for i in range(n)], images=torch.randn(n, 3, 64, 96, generator=g),
+                 pixel_mask=torch.ones(n, 64, 96, dtype=torch.bool), input_ids=torch.randint(5, 100, (n, 7), generator=g),
+                 attention_mask=torch.ones(n, 7, dtype=torch.long), images2=torch.randn(n, 3, 64, 64, generator=g),
+                 pixel_mask2=torch.ones(n, 64, 64, dtype=torch.bool), targets=torch.tensor([1, 0][:n]))
+
+
+def test_nlvr2_pair_wiring(data_dir, tmp_path):
+    """Each half of the pair feature sees its own image only; with the second type started from the first,
+    swapping the images swaps the halves and nothing else."""
+    _, task, _ = built(data_dir, tmp_path, "nlvr2")
+    task.eval()
+    emb = task.model.token_type_embeddings.weight
+    assert emb.shape[0] == 3 and torch.equal(emb[2], emb[1])
+    b = pair_batch()
+    d = task.model.hidden_size
+    with torch.no_grad():
+        f = task.pair_features(b)
+        swapped = Batch(**{**b.__dict__, "images": b.images2, "pixel_mask": b.pixel_mask2, "images2": b.images,
+                           "pixel_mask2": b.pixel_mask})
+        g = task.pair_features(swapped)
+        torch.testing.assert_close(g, torch.cat([f[:, d:], f[:, :d]], dim=1))
+        emb[2] += torch.randn(d, generator=torch.Generator().manual_seed(1))  # once the types differ, the right half still reads only the right image
+        other = Batch(**{**b.__dict__, "images2": torch.randn_like(b.images2)})
+        h, h2 = task.pair_features(b), task.pair_features(other)
+        torch.testing.assert_close(h[:, :d], h2[:, :d])
+        assert not torch.allclose(h[:, d:], h2[:, d:]) and not torch.allclose(h[:, d:], f[:, d:])
+
+
+def test_retrieval_negatives_and_rank_head_from_itm(data_dir, tmp_path):
+    _, task, _ = built(data_dir, tmp_path, "retrieval")
+    texts = task.negative_texts(16, torch.Generator().manual_seed(0))
+    assert texts.shape == (16, 16) and torch.equal(texts[:, 0], torch.arange(16))
+    for i, row in enumerate(texts):  # 15 others, each once, never one's own
+        assert i not in row[1:].tolist() and len(set(row[1:].tolist())) == 15
+    assert task.negative_texts(4, torch.Generator()).shape == (4, 4)  # a small batch: all the others
+    itm = ITMHead(task.model.hidden_size)
+    ckpt = {"state_dict": {f"itm_score.{k}": v for k, v in itm.state_dict().items()}}
+    assert task.start_heads(ckpt, "test") == ["rank_output (from itm_score)"]
+    assert torch.equal(task.rank_output.weight, itm.fc.weight[1:]) and torch.equal(task.rank_output.bias, itm.fc.bias[1:])
+
+
+def test_retrieval_two_stage_with_k_n_equals_exhaustive_on_the_model(data_dir, tmp_path):
+    dm, task, trainer = built(data_dir, tmp_path, "retrieval", "task.eval_images=12")
+    task.eval()
+    task._start()
+    with torch.no_grad():
+        for batch in dm.example_batch("val"), :
+            task._gather(batch)
+        exhaustive, two_stage, short = task.rank(None), task.rank(12), task.rank(2)
+    assert exhaustive["images"] == 12 and exhaustive["pairs_scored"] == 144
+    for k in ("ir_r1", "ir_r5", "tr_r1", "tr_r5"):
+        assert two_stage[k] == exhaustive[k]
+    assert short["pairs_scored"] < 2 * 12 * 2 + 1
+
+
+def test_vqa_loss_and_score(data_dir, tmp_path):
+    dm, task, _ = built(data_dir, tmp_path, "vqa")
+    assert task.answers == dm.answer_vocab.answers and task.vqa_classifier[-1].out_features == len(task.answers)
+    logits = torch.full((1, 3), -20.0)
+    targets = torch.tensor([[1.0, 0.0, 0.0]])
+    assert task.loss(logits, targets).item() == pytest.approx(20.0, abs=1e-3)  # summed over classes, not averaged
+    batch = dm.example_batch("val")
+    task.eval()
+    task.on_validation_epoch_start()
+    with torch.no_grad():
+        task._evaluate(batch, "val")
+    m = task.metrics["val"]
+    assert 0 <= m["score"].compute() <= 1 and len(task.predictions) == len(batch)
+    assert {"question_id", "answer"} == set(task.predictions[0]) and task.predictions[0]["answer"] in task.answers
+
+
+@pytest.mark.parametrize("task", ["vqa"])
+def test_evaluate_a_fine_tuned_checkpoint(task, data_dir, tmp_path):
+    """Train two steps, then `python -m vlm.evaluate` the checkpoint: the same metrics table, metrics.json and
+    the predictions file; a checkpoint of another task is one line."""
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, f"task={task}", f"data=synthetic_{task}", *TINY],
+                         output_dir=str(tmp_path / "run"))
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    common = [f"paths.data_dir={data_dir}", *SMALL_DATA, f"ckpt_path={ckpt}", "data.num_workers=0",
+              "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+    res = subprocess.run([sys.executable, "-m", "vlm.evaluate", f"task={task}", f"data=synthetic_{task}", *common,
+                          "split=val", f"write_predictions={tmp_path / 'pred.json'}", f"hydra.run.dir={tmp_path / 'ev'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "val/vqa_score" in res.stdout
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert 0 <= report["metrics"]["val/vqa_score"] <= 1
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert pred and set(pred[0]) == {"question_id", "answer"}
+    wrong = subprocess.run([sys.executable, "-m", "vlm.evaluate", "task=nlvr2", "data=synthetic_nlvr2", *common,
+                            f"hydra.run.dir={tmp_path / 'ev2'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "another task or model" in wrong.stderr.strip().splitlines()[-1]
