@@ -12,11 +12,16 @@ from omegaconf import DictConfig
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose_train(overrides: list[str] | None = None) -> DictConfig:
-    """The training config for these overrides, without running anything (``hydra:`` keys left unresolved)."""
+def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """conf/<name>.yaml for these overrides, without running anything (``hydra:`` keys left unresolved)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides or []))
+        return compose(name, overrides=list(overrides or []))
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    """The training config for these overrides."""
+    return compose_config("train", overrides)
 
 
 def compose_model(preset: str, *overrides: str) -> DictConfig:

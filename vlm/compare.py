@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 
 METRICS = [  # (key, column title); a column appears when some run has the key
+    ("val/vqa_score", "VQA score"),
+    ("val/nlvr2_acc", "NLVR2 acc"),
     ("val/itm_acc", "ITM acc"),
     ("val/mlm_acc", "MLM acc"),
     ("test/itm_acc", "ITM acc (compositional)"),
@@ -27,6 +29,8 @@ METRICS = [  # (key, column title); a column appears when some run has the key
     ("val/tr_r5", "TR@5"),
     ("val/ir_r1", "IR@1"),
     ("val/ir_r5", "IR@5"),
+    ("val/tr_r10", "TR@10"),
+    ("val/ir_r10", "IR@10"),
     ("val/wpa_pos", "WPA pos"),
     ("val/wpa_neg", "WPA neg"),
 ]
@@ -37,6 +41,7 @@ COST = [  # (key, column title, format)
     ("train/ms_per_batch", "ms / step", lambda v: f"{v:.0f}"),
     ("train/samples_per_s", "samples / s", lambda v: f"{v:.1f}"),
 ]
+PER_TASK = {"train/ms_per_batch", "train/samples_per_s"}  # a step's cost depends on the task as much as the embedder
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    task: str | None = None  # the run's task= choice
 
     def value(self, key: str) -> float | None:
         return self.metrics.get(key, self.summary.get(key))
@@ -63,17 +69,18 @@ def read_sweep(sweep_dir: str | Path) -> list[Run]:
     for hydra_dir in sorted(Path(sweep_dir).glob("**/.hydra"), key=lambda p: str(p)):
         job = hydra_dir.parent
         config, hydra = _load_yaml(hydra_dir / "config.yaml"), _load_yaml(hydra_dir / "hydra.yaml")
-        choice = (hydra.get("hydra", {}).get("runtime", {}).get("choices", {}) or {}).get("model/embedder")
+        choices = hydra.get("hydra", {}).get("runtime", {}).get("choices", {}) or {}
+        choice, task = choices.get("model/embedder"), choices.get("task")
         label = config.get("label")
         if not isinstance(label, str) or "${" in label:
             label = choice or "?"
         results_path = job / "results.json"
         if not results_path.exists():
-            runs.append(Run(str(job), label, config.get("seed"), "incomplete"))
+            runs.append(Run(str(job), label, config.get("seed"), "incomplete", task=task))
             continue
         res = json.loads(results_path.read_text())
         runs.append(Run(str(job), res.get("label") or label, res.get("seed", config.get("seed")), res.get("status", "failed"),
-                        res.get("metrics", {}), res.get("summary", {}), res.get("history", [])))
+                        res.get("metrics", {}), res.get("summary", {}), res.get("history", []), task))
     return runs
 
 
@@ -100,20 +107,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def cost_columns(runs: list[Run]) -> list[tuple[str, str, object]]:
+    """COST, with the per-step costs split by task where the runs hold several tasks (a sweep that pretrains and
+    fine-tunes each embedder): ``<task>:train/ms_per_batch``."""
+    tasks = sorted({r.task for r in runs if r.task})
+    if len(tasks) < 2:
+        return COST
+    return [c for c in COST if c[0] not in PER_TASK] + [
+        (f"{t}:{k}", f"{t} {title}", f) for t in tasks for k, title, f in COST if k in PER_TASK]
+
+
 def aggregate(runs: list[Run]) -> dict[str, dict]:
+    """label -> {n (seeds), metric: (mean, std)} over the complete runs; a run gives the metrics it holds, so a row
+    gathers each embedder's pretraining and each downstream task from their own runs."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
         if r.status == "complete":
             groups[r.label].append(r)
+    cost = cost_columns(runs)
     table = {}
     for label, rs in sorted(groups.items()):
-        row = {"n": len(rs), "seeds": sorted(r.seed for r in rs if r.seed is not None)}
+        seeds = sorted({r.seed for r in rs if r.seed is not None})
+        row = {"n": len(seeds) or len(rs), "runs": len(rs), "seeds": seeds}
         for key, _ in METRICS:
             vals = [r.value(key) for r in rs if r.value(key) is not None]
             if vals:
                 row[key] = mean_std(vals)
-        for key, _, _ in COST:
-            vals = [r.value(key) for r in rs if r.value(key) is not None]
+        for key, _, _ in cost:
+            task, _, name = key.rpartition(":")
+            vals = [r.value(name) for r in rs if r.value(name) is not None and (not task or r.task == task)]
             if vals:
                 row[key] = mean_std(vals)
         table[label] = row
@@ -122,8 +144,9 @@ def aggregate(runs: list[Run]) -> dict[str, dict]:
 
 def write_markdown(table: dict[str, dict], runs: list[Run], out: Path, source: str) -> None:
     metric_cols = [(k, t) for k, t in METRICS if any(k in row for row in table.values())]
-    cost_cols = [(k, t, f) for k, t, f in COST if any(k in row for row in table.values())]
-    lines = [f"# Results: {source}", "", "Mean ± sample standard deviation over the complete runs of each row (n = how many); cost columns: means.", ""]
+    cost_cols = [(k, t, f) for k, t, f in cost_columns(runs) if any(k in row for row in table.values())]
+    lines = [f"# Results: {source}", "", "Mean ± sample standard deviation over the complete runs of each row (n = seeds); "
+             "cost columns: means.", ""]
     head = ["label", "n"] + [t for _, t in metric_cols] + [t for _, t, _ in cost_cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in table.items():

@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vlm.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Speed reports: each prints a table and writes <out>/<report>.json; "
                                             "every comparison is measured side by side in one process, as ratios.",
-                                epilog=f"reports (default: all of them):\n{reports}")
-    p.add_argument("which", nargs="*", default=list(REPORTS), choices=list(REPORTS), metavar="REPORT",
+                                epilog=f"reports (default: all but retrieval, which needs --ckpt):\n{reports}")
+    default = [name for name in REPORTS if name != "retrieval"]
+    p.add_argument("which", nargs="*", default=default, choices=list(REPORTS), metavar="REPORT",
                    help="one or more of: " + ", ".join(REPORTS))
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: each report's own)")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batch sizes (model)")
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-samples", type=int, default=512, help="scenes per format in the data benchmark")
     p.add_argument("--compile", action="store_true",
                    help="model: also time ours with model.compile=true (torch.compile per block; compiling takes minutes)")
+    p.add_argument("--ckpt", help="retrieval: a task=retrieval checkpoint to rank with")
+    p.add_argument("--pairs", type=int, default=1000, help="retrieval: images (with their captions) ranked")
+    p.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 128],
+                   help="retrieval: two-stage shortlist sizes (candidates per query)")
     p.add_argument("--out", default="bench", help="folder for <report>.json")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -27,10 +27,10 @@ REASONS = (
     "long_caption",
     "bad_json",  # KEY.json that does not parse to an object
     "bad_boxes",  # counts boxes, not samples: NaN, inverted, outside the image, or not 4 numbers; the sample stays
-    "no_regions",
+    "no_regions",  # the region feature file (box_source=precomputed) has no boxes for the key
     "missing_pair_image",  # an example of two images (NLVR2) with one
     "bad_label",  # a label the task cannot read (NLVR2: not True / False)
-    "missing_answers",  # a training question with no answers  # the region feature file (box_source=precomputed) has no boxes for the key
+    "missing_answers",  # a training question with no answers
     "error",  # anything else a sample raised (warned once per process with the exception)
     "unreadable_shard",  # a whole shard (tar, parquet file, metadata table) that cannot be read; counts shards
 )

@@ -16,7 +16,7 @@ from math import ceil
 from datasets import load_dataset
 
 from vlm.data.sources import Shard, Source, WebDataset, _TableSource, existing_files
-from vlm.data.synthetic import scene_jpeg
+from vlm.data.synthetic import balanced_statement, scene_jpeg
 
 
 def _top_field(path: str, name: str):
@@ -184,8 +184,9 @@ class SyntheticVQA(WebDataset):
 
 
 class SyntheticNLVR2(WebDataset):
-    """The built-in scenes' pair statements: each scene (left) with the scene its statement is about (right,
-    drawn again from the generator's ``seed``, byte for byte its file), the statement and whether it holds."""
+    """The built-in scenes as statement pairs: each scene (left) with the scene its ``pair`` names (right, drawn
+    again from the generator's ``seed``, byte for byte its file), a statement about the two true for half the
+    pairs (`balanced_statement`: a trivial classifier scores 0.5, as on NLVR2) and whether it holds."""
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -197,11 +198,11 @@ class SyntheticNLVR2(WebDataset):
                 yield ex
                 continue
             pair = ex["extra"].get("pair") or {}
-            partner = str(pair.get("partner", ""))
-            split, _, index = partner.rpartition("-")
-            label = nlvr2_label(pair.get("label"))
-            if label is None:
-                yield {"key": ex["key"], "bad": "bad_label"}
+            split, _, partner = str(pair.get("partner", "")).rpartition("-")
+            own = str(ex["key"]).rpartition("-")[2]
+            if not (partner.isdigit() and own.isdigit()):
+                yield {"key": ex["key"], "bad": "missing_pair_image"}
                 continue
-            yield {"key": ex["key"], "image": ex["image"], "image2": scene_jpeg(self.seed, split, int(index)),
-                   "text": pair.get("statement"), "extra": {"label": label, "identifier": ex["key"]}}
+            statement, label = balanced_statement(self.seed, split, int(own), int(partner))
+            yield {"key": ex["key"], "image": ex["image"], "image2": scene_jpeg(self.seed, split, int(partner)),
+                   "text": statement, "extra": {"label": label, "identifier": ex["key"]}}

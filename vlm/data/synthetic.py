@@ -171,6 +171,20 @@ def _pair_statement(left: list[Obj], right: list[Obj], rng: np.random.Generator)
     return f"the right image contains {_a(o.color)} {o.shape}.", any((p.color, p.shape) == (o.color, o.shape) for p in right)
 
 
+def balanced_statement(seed: int, split: str, index: int, partner: int) -> tuple[str, bool]:
+    """A pair statement about scenes ``index`` (left) and ``partner`` (right) that is true for half the scenes,
+    as NLVR2's are: the truth is drawn first, then statements until one has it (the templates of the shards'
+    ``pair``, whose own statements are mostly false). A pure function of its arguments."""
+    left, right = layout(seed, split, index)[2], layout(seed, split, partner)[2]
+    rng = np.random.default_rng([seed, SPLITS[split], index, 3])
+    want = bool(rng.random() < 0.5)
+    for _ in range(100):
+        statement, truth = _pair_statement(left, right, rng)
+        if truth == want:
+            break
+    return statement, truth
+
+
 def layout(seed: int, split: str, index: int) -> tuple[int, int, list[Obj]]:
     """Canvas size and objects of one scene, a pure function of its arguments (no pixels drawn)."""
     rng = np.random.default_rng([seed, SPLITS[split], index, 0])
