@@ -55,7 +55,7 @@ def run(args) -> dict:
         raise ConfigError("retrieval: --ckpt is required: a task=retrieval checkpoint, e.g. from python -m vlm.train "
                           "task=retrieval data=synthetic_retrieval model.init_from=<make train's last.ckpt>")
     cfg = compose_config("eval", ["task=retrieval", "data=synthetic_retrieval", f"ckpt_path={args.ckpt}",
-                                  "data.batch_size=64", "data.shuffle=false", "logger=none"])
+                                  "data.batch_size=64", "data.shuffle=false", f"paths.output_dir={args.out}"])
     dm, task, _ = build(cfg)
     dm.prepare_data()
     dm.setup("validate")
@@ -64,6 +64,7 @@ def run(args) -> dict:
         raise ConfigError(f"retrieval: {args.ckpt} was trained with task.itc_weight=0: no dual encoder to shortlist by")
 
     n = args.pairs
+    gather(task, dm, min(n, 64), itc=True)  # warm-up, not counted
     t_plain = timed(lambda: gather(task, dm, n, itc=False))
     result = {"exhaustive": {}}
     t = timed(lambda: result["exhaustive"].update(rank(task, None)))

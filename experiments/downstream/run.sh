@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The downstream embedder comparison, stage after stage, from the repository root (README.md here: what and why).
+# Each stage's results.json files are copied into experiments/downstream/raw/ as the stage ends.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+OUT=experiments/downstream
+SEEDS=${SEEDS:-0,1,2}
+copy() {  # the raw results of every finished job so far
+  (cd logs && find compare_embedders_downstream \( -name results.json -o -name metrics.csv \) -print) | while read -r f; do
+    mkdir -p "$OUT/raw/$(dirname "$f")" && cp "logs/$f" "$OUT/raw/$f"
+  done
+}
+# 1. pretrain each embedder, equal steps
+$PY -m vlm.train -m experiment=compare_embedders_downstream_pretrain model/embedder=patch,grid,region seed=0 "$@"
+copy
+# 1b. patches at the grid arm's pretraining wall-clock (equal time, not equal steps)
+STEPS=$($PY - <<'PY'
+import json
+ms = {e: json.load(open(f"logs/compare_embedders_downstream/pretrain/{e}-s0/results.json"))["summary"]["time/fit_s"]
+      for e in ("patch", "grid")}
+print(round(600 * ms["grid"] / ms["patch"]))
+PY
+)
+echo "patch_equal_time: $STEPS pretraining steps"
+$PY -m vlm.train -m experiment=compare_embedders_downstream_pretrain model/embedder=patch seed=0 label=patch_equal_time \
+  trainer.max_steps=$STEPS trainer.val_check_interval=$STEPS 'hydra.sweep.subdir=patch_equal_time-s${seed}' "$@"
+copy
+# 2. fine-tune every pretrained arm on each task, 3 seeds, from pretraining seed 0
+for task in vqa nlvr2 retrieval; do
+  $PY -m vlm.train -m experiment=compare_embedders_downstream task=$task data=synthetic_$task pretrain_seed=0 \
+    seed=$SEEDS model/embedder=patch,grid,region "$@"
+  copy
+  $PY -m vlm.train -m experiment=compare_embedders_downstream task=$task data=synthetic_$task pretrain_seed=0 \
+    seed=$SEEDS model/embedder=patch label=patch_equal_time \
+    'model.init_from=${paths.log_dir}/compare_embedders_downstream/pretrain/patch_equal_time-s0/checkpoints/last.ckpt' \
+    'hydra.sweep.subdir=patch_equal_time-s${seed}' "$@"
+  copy
+done
+$PY -m vlm.compare logs/compare_embedders_downstream --out $OUT --metric val/vqa_score
