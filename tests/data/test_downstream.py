@@ -139,6 +139,7 @@ def test_synthetic_questions_and_pairs(synthetic, tokenizer):
     scenes = [ex for shard in WebDataset().shards(files, "val")[:1] for ex in WebDataset().read(shard)]
     questions = [ex for shard in SyntheticVQA().shards(files, "val")[:1] for ex in SyntheticVQA().read(shard)]
     assert len(questions) == sum(len(ex["extra"]["qa"]) for ex in scenes)
+    assert questions[0]["boxes"] == scenes[0]["boxes"]  # the region embedder reads the scene's boxes
     assert questions[0]["key"] == f"{scenes[0]['key']}-q0" and questions[0]["extra"]["answers"] == [scenes[0]["extra"]["qa"][0]["answer"]] * 10
     pairs = list(SyntheticNLVR2(seed=synthetic.seed).read(SyntheticNLVR2().shards(files, "val")[0]))
     by_key = {ex["key"]: ex["image"] for ex in scenes}
@@ -146,8 +147,9 @@ def test_synthetic_questions_and_pairs(synthetic, tokenizer):
     counted = 0
     for ex, scene in zip(pairs, scenes):
         partner = scene["extra"]["pair"]["partner"]
-        if partner in by_key:  # the right image drawn again is the partner's file, byte for byte
+        if partner in by_key:  # the right image drawn again is the partner's file, byte for byte, with its boxes
             assert ex["image2"] == by_key[partner]
+            assert len(ex["boxes2"]) == len(objects[partner]) and ex["boxes"] == scene["boxes"]
             if ex["text"] == "the left image has more shapes than the right image.":  # the truth, from the objects
                 assert ex["extra"]["label"] == (len(objects[ex["key"]]) > len(objects[partner]))
                 counted += 1

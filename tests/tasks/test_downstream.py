@@ -53,6 +53,22 @@ def test_nlvr2_pair_wiring(data_dir, tmp_path):
         assert not torch.allclose(h[:, d:], h2[:, d:]) and not torch.allclose(h[:, d:], f[:, d:])
 
 
+def test_nlvr2_region_embedder_reads_each_images_own_boxes(data_dir, tmp_path):
+    """With region features on the data's boxes, the right image's tokens come from its own boxes."""
+    dm, task, _ = built(data_dir, tmp_path, "nlvr2", "model/embedder=region", "model.embedder.box_source=data")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.boxes is not None and batch.boxes2 is not None and len(batch.boxes2) == len(batch)
+    task.eval()
+    with torch.no_grad():
+        f = task.pair_features(batch)
+        moved = [b + 8 for b in batch.boxes2]  # other boxes on the same right images: only the right half changes
+        g = task.pair_features(Batch(**{**batch.__dict__, "boxes2": moved}))
+    d = task.model.hidden_size
+    torch.testing.assert_close(f[:, :d], g[:, :d])
+    assert not torch.allclose(f[:, d:], g[:, d:])
+
+
 def test_retrieval_negatives_and_rank_head_from_itm(data_dir, tmp_path):
     _, task, _ = built(data_dir, tmp_path, "retrieval")
     texts = task.negative_texts(16, torch.Generator().manual_seed(0))

@@ -42,6 +42,7 @@ class Batch:
     box_features: list[Tensor] | None = None  # per image [K, F] features of ``boxes``, from a region file
     images2: Tensor | None = None  # the second image of each example (NLVR2), padded on its own
     pixel_mask2: Tensor | None = None
+    boxes2: list[Tensor] | None = None  # per second image [K, 4], as ``boxes``
     targets: Tensor | None = None  # the task's: VQA soft scores [B, answers], NLVR2 labels [B]
     answers: list[list[str] | None] | None = None  # VQA: each question's human answers (for the official accuracy)
     answer_types: list[str | None] | None = None
@@ -234,12 +235,14 @@ class VQACollator(Collator):
 
 
 class NLVR2Collator(Collator):
-    """`Collator`'s batch (the statement, the left images), the right images padded on their own and the
-    labels (1: the statement holds for the pair)."""
+    """`Collator`'s batch (the statement, the left images and their boxes), the right images padded on their own
+    (with their boxes where the source has them) and the labels (1: the statement holds for the pair)."""
 
     def __call__(self, samples: list[Sample], rng: np.random.Generator) -> Batch:
         batch = super().__call__(samples, rng)
         batch.images2, batch.pixel_mask2 = pad_images([s.image2 for s in samples])
+        if any(s.boxes2 is not None for s in samples):
+            batch.boxes2 = [s.boxes2 if s.boxes2 is not None else torch.zeros(0, 4) for s in samples]
         batch.targets = torch.tensor([int(bool(s.extra["label"])) for s in samples])
         return batch
 

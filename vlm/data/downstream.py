@@ -16,7 +16,7 @@ from math import ceil
 from datasets import load_dataset
 
 from vlm.data.sources import Shard, Source, WebDataset, _TableSource, existing_files
-from vlm.data.synthetic import balanced_statement, scene_jpeg
+from vlm.data.synthetic import SHAPES, balanced_statement, layout, scene_jpeg
 
 
 def _top_field(path: str, name: str):
@@ -179,7 +179,8 @@ class SyntheticVQA(WebDataset):
                 continue
             for k, qa in enumerate(ex["extra"].get("qa") or []):
                 qid = f"{ex['key']}-q{k}"
-                yield {"key": qid, "image": ex["image"], "text": qa["question"],
+                yield {"key": qid, "image": ex["image"], "text": qa["question"], "boxes": ex.get("boxes"),
+                       "box_labels": ex.get("box_labels"),
                        "extra": {"question_id": qid, "answers": [qa["answer"]] * 10, "answer_type": qa["type"]}}
 
 
@@ -204,5 +205,8 @@ class SyntheticNLVR2(WebDataset):
                 yield {"key": ex["key"], "bad": "missing_pair_image"}
                 continue
             statement, label = balanced_statement(self.seed, split, int(own), int(partner))
+            right = layout(self.seed, split, int(partner))[2]
             yield {"key": ex["key"], "image": ex["image"], "image2": scene_jpeg(self.seed, split, int(partner)),
+                   "boxes": ex.get("boxes"), "box_labels": ex.get("box_labels"),
+                   "boxes2": [list(o.box) for o in right], "box_labels2": [SHAPES.index(o.shape) for o in right],
                    "text": statement, "extra": {"label": label, "identifier": ex["key"]}}

@@ -231,7 +231,16 @@ class ShardStream(IterableDataset):
             sample.image = self.transform(img)
         if "image2" in ex or "image2_path" in ex:  # a second image (NLVR2's pair), transformed on its own
             data2 = read_bytes(ex["image2_path"]) if "image2_path" in ex else ex.get("image2")
-            sample.image2 = self.transform(decode_image(data2, self.min_image_side, self.max_aspect))
+            img2 = decode_image(data2, self.min_image_side, self.max_aspect)
+            if ex.get("boxes2") is not None:
+                boxes2, labels2, dropped2 = clean_boxes(ex["boxes2"], ex.get("box_labels2"), img2.height, img2.width)
+                sample.image2, boxes2 = self.transform(img2, boxes2)
+                boxes2 = boxes2.as_subclass(torch.Tensor)
+                kept = proper(boxes2)
+                sample.boxes2, sample.box_labels2 = boxes2[kept], labels2[kept]
+                dropped += dropped2
+            else:
+                sample.image2 = self.transform(img2)
         if self.regions is not None:
             regions = self.regions.sample_fields(ex["key"], *sample.image.shape[-2:])
             sample.boxes, sample.box_labels, sample.box_features = regions["boxes"], regions["box_labels"], regions["box_features"]

@@ -43,8 +43,9 @@ class NLVR2LitModule(VLTaskModule):
 
     def pair_features(self, batch: Batch) -> Tensor:
         """[B, 2D]: the pooled output of the statement with the left image (type 1), then with the right (type 2)."""
-        left = self.model(batch.input_ids, batch.attention_mask, batch.images, batch.pixel_mask, image_token_type=1)
-        right = self.model(batch.input_ids, batch.attention_mask, batch.images2, batch.pixel_mask2,
+        left = self.model(batch.input_ids, batch.attention_mask, batch.images, batch.pixel_mask, batch.boxes,
+                          image_token_type=1)
+        right = self.model(batch.input_ids, batch.attention_mask, batch.images2, batch.pixel_mask2, batch.boxes2,
                            image_token_type=self.second_type)
         return torch.cat([left.pooler_output, right.pooler_output], dim=-1)
 
