@@ -54,3 +54,15 @@ def test_a_training_checkpoint_converts_without_its_runs_config(data_dir, tmp_pa
     hf = transformers.ViltModel.from_pretrained(tmp_path / "hf")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(hf.pooler.dense.weight, state["model.pooler.dense.weight"])
+
+
+def test_no_weight_decay_on_biases_norms_and_scalars():
+    from vlm.tasks.optim import param_groups
+
+    model = torch.nn.Module()
+    model.proj, model.norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+    groups = param_groups(model, 1e-3, 0.01, {"proj": 10})
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model.proj.weight)}
+    assert {g["lr"] for g in groups if any(p is model.proj.bias for p in g["params"])} == {1e-2}

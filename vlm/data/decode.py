@@ -30,7 +30,7 @@ REASONS = (
     "no_regions",  # the region feature file (box_source=precomputed) has no boxes for the key
     "missing_pair_image",  # an example of two images (NLVR2) with one
     "bad_label",  # a label the task cannot read (NLVR2: not True / False)
-    "missing_answers",  # a training question with no answers
+    "missing_answers",  # a question its annotations give no answers
     "error",  # anything else a sample raised (warned once per process with the exception)
     "unreadable_shard",  # a whole shard (tar, parquet file, metadata table) that cannot be read; counts shards
 )

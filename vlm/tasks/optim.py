@@ -15,15 +15,15 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_mults: dict[str, float]) -> list[dict]:
-    """No weight decay on biases and norm weights; ``lr_mults`` maps a parameter-name prefix to a learning-rate
-    factor (the first prefix that matches)."""
+    """No weight decay on biases, norm weights and scalars (a learned temperature: decay would pull it to 0);
+    ``lr_mults`` maps a parameter-name prefix to a learning-rate factor (the first prefix that matches)."""
     norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
     norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters()}
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (name.endswith("bias") or id(p) in norm_params)
+        decay = not (name.endswith("bias") or id(p) in norm_params or p.ndim == 0)
         mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
         groups.setdefault((decay, mult), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
