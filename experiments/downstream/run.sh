@@ -7,12 +7,14 @@ OUT=${OUT:-experiments/downstream}
 SEEDS=${SEEDS:-0,1,2}
 FT_STEPS=${FT_STEPS:-300}    # fine-tuning steps per job
 K=${K:-16}                   # retrieval: two-stage shortlist per query (python -m vlm.bench retrieval: 36x exhaustive's speed at 1,000)
+STAGE=${STAGE:-1}            # 2: skip the pretraining (stage 1), whose checkpoints are there
 FT=(pretrain_seed=0 seed=$SEEDS trainer.max_steps=$FT_STEPS trainer.val_check_interval=$FT_STEPS)
 copy() {  # the raw results of every finished job so far
   (cd logs && find compare_embedders_downstream \( -name results.json -o -name metrics.csv \) -print) | while read -r f; do
     mkdir -p "$OUT/raw/$(dirname "$f")" && cp "logs/$f" "$OUT/raw/$f"
   done
 }
+if [ "$STAGE" -le 1 ]; then
 # 1. pretrain each embedder, equal steps
 $PY -m vlm.train -m experiment=compare_embedders_downstream_pretrain model/embedder=patch,grid,region seed=0 "$@"
 copy
@@ -28,6 +30,7 @@ echo "patch_equal_time: $STEPS pretraining steps"
 $PY -m vlm.train -m experiment=compare_embedders_downstream_pretrain model/embedder=patch seed=0 label=patch_equal_time \
   trainer.max_steps=$STEPS trainer.val_check_interval=$STEPS 'hydra.sweep.subdir=patch_equal_time-s${seed}' "$@"
 copy
+fi
 # 2. fine-tune every pretrained arm on each task, 3 seeds, from pretraining seed 0
 for task in vqa nlvr2 retrieval; do
   extra=(); [ $task = retrieval ] && extra=(task.shortlist_k=$K)
@@ -37,7 +40,7 @@ for task in vqa nlvr2 retrieval; do
   $PY -m vlm.train -m experiment=compare_embedders_downstream task=$task data=synthetic_$task "${FT[@]}" "${extra[@]}" \
     model/embedder=patch label=patch_equal_time \
     'model.init_from=${paths.log_dir}/compare_embedders_downstream/pretrain/patch_equal_time-s0/checkpoints/last.ckpt' \
-    'hydra.sweep.subdir=patch_equal_time-s${seed}' "$@"
+    'hydra.sweep.subdir=${hydra:runtime.choices.task}/patch_equal_time-s${seed}' "$@"
   copy
 done
 $PY -m vlm.compare logs/compare_embedders_downstream --out "$OUT" --metric val/vqa_score
