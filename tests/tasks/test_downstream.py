@@ -135,3 +135,22 @@ def test_evaluate_a_fine_tuned_checkpoint(task, data_dir, tmp_path):
                             f"hydra.run.dir={tmp_path / 'ev2'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "another task or model" in wrong.stderr.strip().splitlines()[-1]
+
+
+def test_fine_tuning_starts_from_a_grid_pretraining_checkpoint(data_dir, tmp_path):
+    """model.init_from reads a training checkpoint of any embedder (its own model node builds it); into a model
+    of another embedder it stops with one line saying which to choose."""
+    from vlm.errors import ConfigError
+
+    small = ["data.image_size=64", "data.max_size=96", "model/embedder=grid"]
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, *small, "logger=none", "trainer.max_steps=1",
+                          "trainer.val_check_interval=1", "+trainer.limit_val_batches=1", "data.batch_size=4",
+                          "task.test_split=false"], output_dir=str(tmp_path / "pre"))
+    train(cfg)
+    ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    _, task, _ = built(data_dir, tmp_path / "vqa", "vqa", *small, f"model.init_from={ckpt}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(task.model.embedder.trunk.conv1.weight, state["model.embedder.trunk.conv1.weight"])
+    assert torch.equal(task.model.blocks[0].attn.qkv.weight, state["model.blocks.0.attn.qkv.weight"])
+    with pytest.raises(ConfigError, match="has a GridEmbedder, the model a PatchEmbedder: set model/embedder=grid"):
+        built(data_dir, tmp_path / "patch", "vqa", "data.image_size=64", "data.max_size=96", f"model.init_from={ckpt}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from vlm.models.weights.format import FORMAT, Checkpoint, build, heads_in, load_into, log, meta_module, vilt_config
+from vlm.models.weights.format import FORMAT, PATCH, Checkpoint, build, heads_in, load_into, log, meta_module, vilt_config
 from vlm.models.weights.hf import hf_checkpoint
 from vlm.models.weights.original import original_checkpoint
 from vlm.models.weights.vit import vit_checkpoint
@@ -115,6 +115,8 @@ def run_checkpoint(path: Path, obj: dict) -> Checkpoint:
         cfg = vilt_config(meta_module(node))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if cfg["embedder"]["_target_"] != PATCH:  # read off the modules for patches only: the run's own node for others
+        cfg["embedder"] = {**node["embedder"], "hidden_size": cfg["hidden_size"]}
     heads = heads_in(state, cfg["hidden_size"], cfg["vocab_size"], cfg["text_layer_norm_eps"])
     kept = {k: v for k, v in state.items() if k.split(".", 1)[0] in ("model", *heads)}
     left = sorted({k.split(".", 1)[0] for k in state} - {"model", *heads})

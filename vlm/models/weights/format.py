@@ -80,13 +80,17 @@ def head_node(name: str, hidden_size: int, *, vocab_size: int | None = None, eps
 
 
 def vilt_config(model: nn.Module) -> dict[str, Any]:
-    """The model node of ``model``'s architecture, read off its modules."""
+    """The model node of ``model``'s architecture, read off its modules. Another embedder than the patch one is
+    named by its class only (``embedder: {_target_: ...}``): what builds it is the training run's own node
+    (`vlm.models.weights.files.run_checkpoint`); the transformer part is read as for any."""
     from vlm.models.embedders.patch import PatchEmbedder
 
     emb = model.embedder
-    if not isinstance(emb, PatchEmbedder):
-        raise ValueError(f"weight interop covers the patch embedder; this model has a {type(emb).__name__}")
     block, d = model.blocks[0], model.hidden_size
+    if not isinstance(emb, PatchEmbedder):
+        node = vilt_config_of_transformer(model)
+        node["embedder"] = {"_target_": f"{type(emb).__module__}.{type(emb).__name__}"}
+        return node
     return vilt_node(
         hidden_size=d, num_layers=len(model.blocks), num_heads=block.attn.num_heads,
         mlp_ratio=block.mlp.fc1.out_features / d, patch_size=emb.patch_size, image_size=emb.grid * emb.patch_size,
@@ -96,6 +100,20 @@ def vilt_config(model: nn.Module) -> dict[str, Any]:
         qkv_bias=block.attn.qkv.bias is not None, num_modality_types=model.token_type_embeddings.num_embeddings,
         max_tokens=emb.max_tokens, in_chans=emb.proj.in_channels,
     )
+
+
+def vilt_config_of_transformer(model: nn.Module) -> dict[str, Any]:
+    """The transformer entries of ``model``'s node (no embedder)."""
+    block, d = model.blocks[0], model.hidden_size
+    node = vilt_node(hidden_size=d, num_layers=len(model.blocks), num_heads=block.attn.num_heads,
+                     mlp_ratio=block.mlp.fc1.out_features / d, patch_size=0, image_size=0,
+                     vocab_size=model.text_embeddings.word_embeddings.num_embeddings,
+                     max_text_len=model.text_embeddings.position_embeddings.num_embeddings, dropout=model.pos_drop.p,
+                     layer_norm_eps=model.norm.eps, text_layer_norm_eps=model.text_embeddings.LayerNorm.eps,
+                     qkv_bias=block.attn.qkv.bias is not None,
+                     num_modality_types=model.token_type_embeddings.num_embeddings)
+    del node["embedder"]
+    return node
 
 
 def head_config(name: str, head: nn.Module) -> dict[str, Any]:
@@ -276,7 +294,12 @@ def _check_architecture(model: nn.Module, cfg: Mapping[str, Any], origin: str) -
     own = vilt_config(model)
     pairs = [(k, cfg.get(k), own[k], f"model.{k}") for k in ARCHITECTURE]
     emb = cfg.get("embedder") or {}
-    pairs += [(k, emb.get(k), own["embedder"][k], f"model.embedder.{k}") for k in EMBEDDER_ARCHITECTURE]
+    theirs, ours = emb.get("_target_"), own["embedder"]["_target_"]
+    if theirs and theirs != ours:
+        name = theirs.rsplit(".", 1)[-1].removesuffix("Embedder").lower()
+        raise ValueError(f"{origin} has a {theirs.rsplit('.', 1)[-1]}, the model a {ours.rsplit('.', 1)[-1]}: "
+                         f"set model/embedder={name}")
+    pairs += [(k, emb.get(k), own["embedder"].get(k), f"model.embedder.{k}") for k in EMBEDDER_ARCHITECTURE]
     for key, want, have, where in pairs:
         if want is None:
             continue

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vlm.models.weights.format import (
     FORMAT,
+    PATCH,
     Checkpoint,
     build,
     checkpoint,
@@ -83,6 +84,8 @@ def hf_config(cfg: Mapping[str, Any], head: Mapping[str, Any] | None = None):
     from transformers import ViltConfig
 
     e = cfg["embedder"]
+    if e.get("_target_", PATCH) != PATCH:
+        raise ValueError(f"transformers' ViLT has the patch embedder only; this model has a {e['_target_'].rsplit('.', 1)[-1]}")
     eps = {"layer_norm_eps": cfg["layer_norm_eps"], "text_layer_norm_eps": cfg["text_layer_norm_eps"]}
     if head is not None and "eps" in head:
         eps["MLM head eps"] = head["eps"]
