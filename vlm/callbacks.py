@@ -147,3 +147,68 @@ class LearningRateMonitor(callbacks.LearningRateMonitor):
     def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
         if trainer.loggers:
             super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class SkipNonFinite(L.Callback):
+    """A step whose gradients are not all finite (a NaN or infinite loss, an overflow) is not applied: its
+    gradients are dropped before the optimiser sees them (torch's optimisers skip a parameter without one), and
+    it is counted as ``train/skipped_nonfinite``. ``max_in_row`` such steps in a row stop the run with one line
+    naming the last checkpoint written. Under DDP the gradients are already all-reduced, so every rank skips
+    the same steps."""
+
+    def __init__(self, max_in_row: int = 10):
+        if max_in_row < 1:
+            raise ValueError(f"max_in_row must be >= 1, got {max_in_row}")
+        self.max_in_row, self.skipped, self.in_row = max_in_row, 0, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        import torch
+
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
+        if finite:
+            self.in_row = 0
+        else:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.skipped += 1
+            self.in_row += 1
+        pl_module.log("train/skipped_nonfinite", float(self.skipped), on_step=True, on_epoch=False)
+        if self.in_row >= self.max_in_row:
+            from vlm.errors import TrainingError
+
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise TrainingError(f"{self.in_row} steps in a row with non-finite gradients (the last at step "
+                                f"{trainer.global_step}): stopping; the last good checkpoint is {last}")
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_row": self.in_row}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped, self.in_row = state_dict["skipped"], state_dict["in_row"]
+
+
+class CheckpointOnSignal(L.Callback):
+    """On SIGTERM (a preemption, ``scancel``, a spot instance reclaimed), which Lightning turns into a clean stop
+    at the next step boundary, save ``<dirpath>/last.ckpt`` — model, optimiser, schedule, data position — so
+    that the run resumes from there (`vlm.resume.run_folder_checkpoint`), and exit with status 0. Other errors
+    save nothing: a step that failed half-way is no state to resume from. (On SLURM, SIGUSR1 before the time
+    limit is Lightning's own requeue: it saves and requeues the job.) A plain callback, not a Lightning
+    ``Checkpoint``: a second one of those beside ``ModelCheckpoint`` stops the latter writing ``last.ckpt``."""
+
+    def __init__(self, dirpath: str, filename: str = "last"):
+        self.dirpath, self.filename = dirpath, filename
+
+    @property
+    def ckpt_path(self) -> str:
+        import os
+
+        return os.path.join(self.dirpath, f"{self.filename}.ckpt")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.ckpt_path)
+            print(f"stopped by SIGTERM at step {trainer.global_step}; saved {self.ckpt_path}", file=sys.stderr)

@@ -24,7 +24,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vlm.errors import ConfigError, DataError
+from vlm.errors import ConfigError, DataError, TrainingError
 
 
 def check(cfg: DictConfig, handled: frozenset[str] = frozenset(), path: str = "") -> None:
@@ -253,7 +253,7 @@ def _under(key: str, e: BaseException) -> str:
     return f"{key}.{text}" if re.match(r"[A-Za-z_][\w.]*[:=]", text) else f"{key}: {text}"
 
 
-REPORTED = (ConfigError, DataError, HydraException, OmegaConfBaseException)
+REPORTED = (ConfigError, DataError, TrainingError, HydraException, OmegaConfBaseException)
 
 
 def first_reported(e: BaseException) -> BaseException | None:

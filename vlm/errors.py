@@ -16,3 +16,7 @@ class DataError(RuntimeError):
 
 class DataWarning(UserWarning):
     """A data problem the run survives: an unreadable shard, an uneven shard layout, a long run of bad samples."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (too many non-finite steps in a row); one line saying why and what was kept."""

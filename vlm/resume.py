@@ -58,3 +58,20 @@ def check_resume(cfg: DictConfig, ckpt: dict, streams: dict, schedule_steps: int
             f"(trainer.max_steps={cfg.trainer.max_steps}), and the rate would jump at the resume: keep the checkpoint's "
             f"with task.scheduler.steps={horizons[0]} (past it the rate stays at its end value), or start a new schedule "
             "from its weights with model.init_from=...")
+
+
+def run_folder_checkpoint(cfg: DictConfig) -> str | None:
+    """The newest complete checkpoint this run's folder already holds — ``last.ckpt`` of its checkpoint folder,
+    or the one Lightning's SLURM requeue wrote (``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir``) — so that
+    the same command started again on the same folder (a requeued job) resumes instead of starting over.
+    None when the folder holds none. Checkpoints are written whole or not at all (`vlm.callbacks.AtomicCheckpointIO`),
+    so any file of those names is complete."""
+    dirs = [(cfg.get("callbacks") or {}).get("model_checkpoint", {}) or {}, cfg.get("trainer") or {}]
+    found = []
+    folder = dirs[0].get("dirpath")
+    if folder and Path(folder, "last.ckpt").is_file():
+        found.append(Path(folder, "last.ckpt"))
+    root = dirs[1].get("default_root_dir")
+    if root:
+        found += [p for p in Path(root).glob("hpc_ckpt_*.ckpt") if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None

@@ -15,6 +15,7 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.callbacks import Throughput
@@ -23,7 +24,7 @@ from vlm.config import building, check, check_run, devices_of, reported
 from vlm.loggers import close_loggers
 from vlm.precision import say_precision
 from vlm.report import print_metrics, print_skipped
-from vlm.resume import check_resume, read_training_checkpoint
+from vlm.resume import check_resume, read_training_checkpoint, run_folder_checkpoint
 from vlm.tasks.base import HANDLED, build_task
 
 
@@ -38,6 +39,10 @@ def build(cfg: DictConfig):
         dm = instantiate(cfg.data)
         dm.check_files()
         accumulate = dm.accumulation(world)
+    if not cfg.get("ckpt_path") and (found := run_folder_checkpoint(cfg)):
+        print(f"resuming from {found}: this run folder's last checkpoint (ckpt_path=<file> for another, or a new "
+              "hydra.run.dir to start anew)")
+        cfg.ckpt_path = found
     if cfg.get("ckpt_path"):
         scheduler = (cfg.get("task") or {}).get("scheduler") or {}
         check_resume(cfg, read_training_checkpoint(cfg.ckpt_path), dm.train_layout(world),
@@ -68,6 +73,9 @@ def train(cfg: DictConfig) -> float | None:
         results.update(status="complete", steps=trainer.global_step, precision=str(trainer.precision),
                        metrics=metrics, summary=summary, history=Throughput.history_of(trainer),
                        skipped={k: dict(v) for k, v in dm.skipped.items()})
+    except SIGTERMException:  # a clean stop: CheckpointOnSignal saved last.ckpt, the same command resumes
+        results.update(status="preempted", steps=trainer.global_step)
+        raise
     finally:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / "results.json.tmp"

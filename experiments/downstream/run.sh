@@ -7,6 +7,7 @@ OUT=${OUT:-experiments/downstream}
 SEEDS=${SEEDS:-0,1,2}
 FT_STEPS=${FT_STEPS:-300}    # fine-tuning steps per job
 K=${K:-16}                   # retrieval: two-stage shortlist per query (python -m vlm.bench retrieval: 36x exhaustive's speed at 1,000)
+TASKS=${TASKS:-vqa nlvr2 retrieval}
 STAGE=${STAGE:-1}            # 2: skip the pretraining (stage 1), whose checkpoints are there
 FT=(pretrain_seed=0 seed=$SEEDS trainer.max_steps=$FT_STEPS trainer.val_check_interval=$FT_STEPS)
 copy() {  # the raw results of every finished job so far
@@ -32,7 +33,7 @@ $PY -m vlm.train -m experiment=compare_embedders_downstream_pretrain model/embed
 copy
 fi
 # 2. fine-tune every pretrained arm on each task, 3 seeds, from pretraining seed 0
-for task in vqa nlvr2 retrieval; do
+for task in $TASKS; do
   extra=(); [ $task = retrieval ] && extra=(task.shortlist_k=$K)
   $PY -m vlm.train -m experiment=compare_embedders_downstream task=$task data=synthetic_$task "${FT[@]}" "${extra[@]}" \
     model/embedder=patch,grid,region "$@"

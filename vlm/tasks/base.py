@@ -106,6 +106,39 @@ class VLTaskModule(L.LightningModule):
         head starts from another's (retrieval's rank head from ITM) says so here."""
         return weights.load_heads(self, ckpt, origin=origin)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The random states (dropout's, and any other draw from the global generators) go into every checkpoint,
+        so that a run resumed from it draws what the uninterrupted run drew. Plain tensors and numbers: the file
+        still loads with ``weights_only=True``."""
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, state, gauss = random.getstate()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(),
+                             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                                       "has_gauss": int(has_gauss), "cached": float(cached)},
+                             "python": {"version": version, "state": list(state), "gauss": gauss}}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+
+        rng = checkpoint.get("rng")
+        if not rng:  # a checkpoint written before random states were kept: the run resumes, not bit for bit
+            return
+        torch.set_rng_state(rng["torch"])
+        n = rng["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        p = rng["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def autocast(self):
         """A fresh context computing in the trainer's precision (for work outside Lightning's loops)."""
         return self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()

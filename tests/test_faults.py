@@ -1,0 +1,162 @@
+"""Faults a long run survives: non-finite steps skipped and counted, too many in a row stopping it in one line."""
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import SMALL_DATA, compose_config
+from vlm.errors import TrainingError
+from vlm.train import build
+
+COMMON = ["logger=none", "callbacks.progress_bar=null", "data.batch_size=8", "data.num_workers=0",
+          "trainer.val_check_interval=100", "task.test_split=false", "trainer.precision=32-true"]
+
+
+def poisoned(task, bad_steps):
+    """The task's training step, with a NaN loss at ``bad_steps``."""
+    step = task.training_step
+
+    def training_step(batch, batch_idx):
+        loss = step(batch, batch_idx)
+        return loss * math.nan if task.global_step in bad_steps else loss
+
+    task.training_step = training_step
+
+
+def test_a_nan_loss_is_skipped_and_counted(data_dir, tmp_path):
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, *COMMON, "trainer.max_steps=4"],
+                         output_dir=str(tmp_path))
+    dm, task, trainer = build(cfg)
+    poisoned(task, {1, 2})
+    seen = {}
+
+    def snapshot(step):
+        seen[step] = [p.detach().clone() for p in task.model.parameters()]
+
+    orig = task.on_train_batch_start
+
+    def on_train_batch_start(batch, batch_idx):
+        snapshot(task.global_step)
+        return orig(batch, batch_idx)
+
+    task.on_train_batch_start = on_train_batch_start
+    trainer.fit(task, datamodule=dm)
+    skip = next(cb for cb in trainer.callbacks if type(cb).__name__ == "SkipNonFinite")
+    assert skip.skipped == 2 and skip.in_row == 0
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())
+    # steps 1 and 2 changed nothing; steps 0 and 3 did
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
+    assert trainer.callback_metrics["train/skipped_nonfinite"] == 2
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_in_one_line(data_dir, tmp_path):
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, *COMMON, "trainer.max_steps=8",
+                          "callbacks.skip_nonfinite.max_in_row=3"], output_dir=str(tmp_path))
+    dm, task, trainer = build(cfg)
+    poisoned(task, set(range(2, 100)))
+    with pytest.raises(TrainingError, match=r"^3 steps in a row with non-finite gradients \(the last at step \d+\): stopping; the last good "
+                       r"checkpoint is "):
+        trainer.fit(task, datamodule=dm)
+
+
+def run_cfg(data_dir, folder, *extra):
+    return compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, *COMMON, "trainer.val_check_interval=2",
+                           "task.scheduler.steps=6", *extra], output_dir=str(folder))
+
+
+def test_the_same_run_folder_resumes_and_another_starts_fresh(data_dir, tmp_path, capsys):
+    """Started again on the same folder (a requeued job), a run resumes from the folder's last checkpoint
+    without ckpt_path, and says so; on a new folder it starts anew."""
+    from vlm.train import train
+
+    train(run_cfg(data_dir, tmp_path / "a", "trainer.max_steps=4"))
+    capsys.readouterr()
+    train(run_cfg(data_dir, tmp_path / "a", "trainer.max_steps=6"))
+    out = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}: this run folder's last checkpoint" in out
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    train(run_cfg(data_dir, tmp_path / "b", "trainer.max_steps=2"))
+    assert "resuming" not in capsys.readouterr().out
+
+
+def test_sigterm_saves_a_whole_checkpoint_exits_0_and_the_folder_resumes(data_dir, tmp_path, capsys):
+    """SIGTERM mid-run (Lightning stops at the step's end): last.ckpt holds that step, the process exits with
+    status 0, results.json says preempted, and the same command resumes from it."""
+    import json
+    import os
+    import signal
+
+    from vlm.train import train
+
+    cfg = run_cfg(data_dir, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=100")
+    dm, task, trainer = build(cfg)
+    step = task.training_step
+
+    def training_step(batch, batch_idx):
+        if task.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(batch, batch_idx)
+
+    import vlm.train as vt
+
+    real_build = vt.build
+    vt.build = lambda c: (dm, task, trainer)
+    task.training_step = training_step
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train(cfg)
+    finally:
+        vt.build = real_build
+    assert stop.value.code in (None, 0)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "preempted"
+    capsys.readouterr()
+    train(run_cfg(data_dir, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=100"))
+    assert "resuming from" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "complete" and results["steps"] == 6
+
+
+def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
+    """SIGKILL (no clean-up at all) after a random number of checkpoints; the same command on the same folder
+    resumes from its last checkpoint and ends with the weights of a run never interrupted (fp32, CPU)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    def command(folder, steps):
+        return [sys.executable, "-m", "vlm.train", f"paths.data_dir={data_dir}", *SMALL_DATA, *COMMON,
+                f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "task.scheduler.steps=6",
+                "trainer.deterministic=true", f"hydra.run.dir={folder}"]
+
+    def run(folder, steps=6):
+        res = subprocess.run(command(folder, steps), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout
+
+    run(tmp_path / "whole")
+    killed = tmp_path / "killed"
+    at = random.Random().choice([2, 4])  # a step whose checkpoint is written before the kill
+    proc = subprocess.Popen(command(killed, 6), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mark, last = killed / "checkpoints" / f"step{at:06d}.ckpt", killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not (mark.exists() and last.exists()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert mark.exists(), "the run ended before the step chosen to kill it at"
+    assert f"resuming from {killed / 'checkpoints' / 'last.ckpt'}" in run(killed)
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), f"killed after step {at}"
