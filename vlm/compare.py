@@ -103,8 +103,9 @@ def read_wandb(path: str) -> list[Run]:
     return runs
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and how many values."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
 def cost_columns(runs: list[Run]) -> list[tuple[str, str, object]]:
@@ -142,17 +143,26 @@ def aggregate(runs: list[Run]) -> dict[str, dict]:
     return table
 
 
+def cell(row: dict, key: str) -> str:
+    """mean ± std over the runs that hold the metric; a metric of one run (a row's shared pretraining, say) says so
+    instead of showing a spread it does not have."""
+    if key not in row:
+        return ""
+    mean, std, count = row[key]
+    fewer = f" ({count} run{'s' if count > 1 else ''})" if count < row["n"] or (count == 1 and row["runs"] > 1) else ""
+    return (f"{mean:.3f} ± {std:.3f}" if count > 1 else f"{mean:.3f}") + fewer
+
+
 def write_markdown(table: dict[str, dict], runs: list[Run], out: Path, source: str) -> None:
     metric_cols = [(k, t) for k, t in METRICS if any(k in row for row in table.values())]
     cost_cols = [(k, t, f) for k, t, f in cost_columns(runs) if any(k in row for row in table.values())]
-    lines = [f"# Results: {source}", "", "Mean ± sample standard deviation over the complete runs of each row (n = seeds); "
-             "cost columns: means.", ""]
+    lines = [f"# Results: {source}", "", "Mean ± sample standard deviation over the complete runs of each row (n = seeds; a cell "
+             "over fewer runs says how many); cost columns: means.", ""]
     head = ["label", "n"] + [t for _, t in metric_cols] + [t for _, t, _ in cost_cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in table.items():
         cells = [label, str(row["n"])]
-        cells += [("" if k not in row else f"{row[k][0]:.3f} ± {row[k][1]:.3f}" if row["n"] > 1 else f"{row[k][0]:.3f}")
-                  for k, _ in metric_cols]
+        cells += [cell(row, k) for k, _ in metric_cols]
         cells += [f(row[k][0]) if k in row else "" for k, _, f in cost_cols]
         lines.append("| " + " | ".join(cells) + " |")
     excluded = [r for r in runs if r.status != "complete"]

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The downstream embedder comparison, stage after stage, from the repository root (README.md here: what and why).
-# Each stage's results.json files are copied into experiments/downstream/raw/ as the stage ends.
+# Each stage's results.json, metrics.csv and .hydra/ configs are copied into experiments/downstream/raw/ as the
+# stage ends (python -m vlm.compare reads raw/ as it reads logs/).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/downstream}
 SEEDS=${SEEDS:-0,1,2}
-FT_STEPS=${FT_STEPS:-300}    # fine-tuning steps per job
+FT_STEPS=${FT_STEPS:-200}    # fine-tuning steps per job
 K=${K:-16}                   # retrieval: two-stage shortlist per query (python -m vlm.bench retrieval: 36x exhaustive's speed at 1,000)
 TASKS=${TASKS:-vqa nlvr2 retrieval}
 STAGE=${STAGE:-1}            # 2: skip the pretraining (stage 1), whose checkpoints are there
 FT=(pretrain_seed=0 seed=$SEEDS trainer.max_steps=$FT_STEPS trainer.val_check_interval=$FT_STEPS)
 copy() {  # the raw results of every finished job so far
-  (cd logs && find compare_embedders_downstream \( -name results.json -o -name metrics.csv \) -print) | while read -r f; do
+  (cd logs && find compare_embedders_downstream \( -name results.json -o -name metrics.csv -o -path "*/.hydra/*.yaml" \) \
+    -print) | while read -r f; do
     mkdir -p "$OUT/raw/$(dirname "$f")" && cp "logs/$f" "$OUT/raw/$f"
   done
 }

@@ -187,7 +187,8 @@ class SyntheticVQA(WebDataset):
 class SyntheticNLVR2(WebDataset):
     """The built-in scenes as statement pairs: each scene (left) with the scene its ``pair`` names (right, drawn
     again from the generator's ``seed``, byte for byte its file), a statement about the two true for half the
-    pairs (`balanced_statement`: a trivial classifier scores 0.5, as on NLVR2) and whether it holds."""
+    pairs (`balanced_statement`: the majority class scores 0.5, as on NLVR2, though the wording leaks the label)
+    and whether it holds."""
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

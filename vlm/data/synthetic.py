@@ -174,7 +174,9 @@ def _pair_statement(left: list[Obj], right: list[Obj], rng: np.random.Generator)
 def balanced_statement(seed: int, split: str, index: int, partner: int) -> tuple[str, bool]:
     """A pair statement about scenes ``index`` (left) and ``partner`` (right) that is true for half the scenes,
     as NLVR2's are: the truth is drawn first, then statements until one has it (the templates of the shards'
-    ``pair``, whose own statements are mostly false). A pure function of its arguments."""
+    ``pair``, whose own statements are mostly false). Balanced overall, not per template: a template that is
+    rarely true is rarely the true one, so the wording alone predicts the label better than chance
+    (experiments/downstream/text_prior.py). A pure function of its arguments."""
     left, right = layout(seed, split, index)[2], layout(seed, split, partner)[2]
     rng = np.random.default_rng([seed, SPLITS[split], index, 3])
     want = bool(rng.random() < 0.5)
