@@ -160,3 +160,31 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_run_bit_for_
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), f"killed after step {at}"
+
+
+def test_fsdp_config_builds_lightnings_strategy_over_the_transformer_blocks():
+    """Lightning's FSDP needs CUDA ("The strategy `fsdp` requires a GPU accelerator"), so on CPU only the
+    config and the strategy object are checked."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from timm.models.vision_transformer import Block
+
+    cfg = compose_config(["trainer=fsdp", "trainer.devices=2"], output_dir="unused")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert cfg.trainer.precision in ("bf16-mixed", "32-true")
+    assert instantiate(cfg.trainer.strategy.auto_wrap_policy) == {Block}
+
+
+def test_ddp_on_two_cpu_processes_runs_a_step(data_dir, tmp_path):
+    """trainer=ddp with gloo: two processes, one training and one validation step."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "vlm.train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                          "debug=fdr", "logger=none", f"paths.data_dir={data_dir}", *SMALL_DATA, f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "MEMBER: 2/2" in res.stdout + res.stderr and "val/itm_acc" in res.stdout
