@@ -214,6 +214,17 @@ class ShardStream(IterableDataset):
             raise BadSample("long_caption", f"{len(text)} characters")
         return text, None
 
+    def _transformed(self, img, boxes, labels) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+        """(image, boxes, labels, boxes dropped) after the transform; bad boxes are dropped and counted, not their
+        sample."""
+        if boxes is None:
+            return self.transform(img), None, None, 0
+        boxes, labels, dropped = clean_boxes(boxes, labels, img.height, img.width)
+        image, boxes = self.transform(img, boxes)
+        boxes = boxes.as_subclass(torch.Tensor)
+        kept = proper(boxes)  # an augmentation may carry a box out of the picture: not the data's fault
+        return image, boxes[kept], labels[kept], dropped
+
     def _prepare(self, ex: dict, epoch: int) -> tuple[Sample, int]:
         if ex.get("bad"):
             raise BadSample(ex["bad"])
@@ -221,26 +232,14 @@ class ShardStream(IterableDataset):
         data = read_bytes(ex["image_path"]) if "image_path" in ex else ex.get("image")
         img = decode_image(data, self.min_image_side, self.max_aspect)
         sample, dropped = Sample(str(ex["key"]), None, text=text, captions=captions, extra=dict(ex.get("extra") or {})), 0
-        if ex.get("boxes") is not None:  # bad boxes are dropped and counted, not their sample
-            boxes, labels, dropped = clean_boxes(ex["boxes"], ex.get("box_labels"), img.height, img.width)
-            sample.image, boxes = self.transform(img, boxes)
-            boxes = boxes.as_subclass(torch.Tensor)
-            kept = proper(boxes)  # an augmentation may carry a box out of the picture: not the data's fault
-            sample.boxes, sample.box_labels = boxes[kept], labels[kept]
-        else:
-            sample.image = self.transform(img)
+        sample.image, sample.boxes, sample.box_labels, dropped = self._transformed(img, ex.get("boxes"),
+                                                                                  ex.get("box_labels"))
         if "image2" in ex or "image2_path" in ex:  # a second image (NLVR2's pair), transformed on its own
             data2 = read_bytes(ex["image2_path"]) if "image2_path" in ex else ex.get("image2")
             img2 = decode_image(data2, self.min_image_side, self.max_aspect)
-            if ex.get("boxes2") is not None:
-                boxes2, labels2, dropped2 = clean_boxes(ex["boxes2"], ex.get("box_labels2"), img2.height, img2.width)
-                sample.image2, boxes2 = self.transform(img2, boxes2)
-                boxes2 = boxes2.as_subclass(torch.Tensor)
-                kept = proper(boxes2)
-                sample.boxes2, sample.box_labels2 = boxes2[kept], labels2[kept]
-                dropped += dropped2
-            else:
-                sample.image2 = self.transform(img2)
+            sample.image2, sample.boxes2, sample.box_labels2, dropped2 = self._transformed(img2, ex.get("boxes2"),
+                                                                                          ex.get("box_labels2"))
+            dropped += dropped2
         if self.regions is not None:
             regions = self.regions.sample_fields(ex["key"], *sample.image.shape[-2:])
             sample.boxes, sample.box_labels, sample.box_features = regions["boxes"], regions["box_labels"], regions["box_features"]

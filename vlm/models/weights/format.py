@@ -87,32 +87,19 @@ def vilt_config(model: nn.Module) -> dict[str, Any]:
 
     emb = model.embedder
     block, d = model.blocks[0], model.hidden_size
-    if not isinstance(emb, PatchEmbedder):
-        node = vilt_config_of_transformer(model)
-        node["embedder"] = {"_target_": f"{type(emb).__module__}.{type(emb).__name__}"}
-        return node
-    return vilt_node(
+    patch = isinstance(emb, PatchEmbedder)
+    node = vilt_node(
         hidden_size=d, num_layers=len(model.blocks), num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / d, patch_size=emb.patch_size, image_size=emb.grid * emb.patch_size,
+        mlp_ratio=block.mlp.fc1.out_features / d, patch_size=emb.patch_size if patch else 0,
+        image_size=emb.grid * emb.patch_size if patch else 0,
         vocab_size=model.text_embeddings.word_embeddings.num_embeddings,
         max_text_len=model.text_embeddings.position_embeddings.num_embeddings, dropout=model.pos_drop.p,
         layer_norm_eps=model.norm.eps, text_layer_norm_eps=model.text_embeddings.LayerNorm.eps,
         qkv_bias=block.attn.qkv.bias is not None, num_modality_types=model.token_type_embeddings.num_embeddings,
-        max_tokens=emb.max_tokens, in_chans=emb.proj.in_channels,
+        max_tokens=emb.max_tokens, in_chans=emb.proj.in_channels if patch else 3,
     )
-
-
-def vilt_config_of_transformer(model: nn.Module) -> dict[str, Any]:
-    """The transformer entries of ``model``'s node (no embedder)."""
-    block, d = model.blocks[0], model.hidden_size
-    node = vilt_node(hidden_size=d, num_layers=len(model.blocks), num_heads=block.attn.num_heads,
-                     mlp_ratio=block.mlp.fc1.out_features / d, patch_size=0, image_size=0,
-                     vocab_size=model.text_embeddings.word_embeddings.num_embeddings,
-                     max_text_len=model.text_embeddings.position_embeddings.num_embeddings, dropout=model.pos_drop.p,
-                     layer_norm_eps=model.norm.eps, text_layer_norm_eps=model.text_embeddings.LayerNorm.eps,
-                     qkv_bias=block.attn.qkv.bias is not None,
-                     num_modality_types=model.token_type_embeddings.num_embeddings)
-    del node["embedder"]
+    if not patch:
+        node["embedder"] = {"_target_": f"{type(emb).__module__}.{type(emb).__name__}"}
     return node
 
 
