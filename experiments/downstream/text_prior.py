@@ -24,7 +24,7 @@ def pairs(split: str) -> list[tuple[str, bool]]:
                 if m.name.endswith(".json"):
                     meta = json.load(t.extractfile(m))
                     own, partner = int(m.name[:-5].rpartition("-")[2]), int(meta["pair"]["partner"].rpartition("-")[2])
-                    out.append(balanced_statement(0, split, own, partner))
+                    out.append(balanced_statement(0, split, own, partner)[:2])
     return out
 
 

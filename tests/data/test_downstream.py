@@ -16,7 +16,7 @@ from vlm.data.collate import NLVR2Collator, RetrievalCollator, VQACollator
 from vlm.data.downstream import NLVR2, VQAv2, SyntheticNLVR2, SyntheticVQA, nlvr2_label
 from vlm.data.sources import CocoKarpathy, WebDataset
 from vlm.data.stream import ShardStream, StreamLoader
-from vlm.data.synthetic import scene_jpeg
+from vlm.data.synthetic import balanced_statement, layout, scene_jpeg
 from vlm.data.tokenizer import load_tokenizer
 from vlm.data.transforms import build_transform
 
@@ -146,19 +146,27 @@ def test_synthetic_questions_and_pairs(synthetic, tokenizer):
     objects = {ex["key"]: ex["extra"]["objects"] for ex in scenes}
     counted = 0
     for ex, scene in zip(pairs, scenes):
-        partner = scene["extra"]["pair"]["partner"]
-        if partner in by_key:  # the right image drawn again is the partner's file, byte for byte, with its boxes
-            assert ex["image2"] == by_key[partner]
-            assert len(ex["boxes2"]) == len(objects[partner]) and ex["boxes"] == scene["boxes"]
-            if ex["text"] == "the left image has more shapes than the right image.":  # the truth, from the objects
-                assert ex["extra"]["label"] == (len(objects[ex["key"]]) > len(objects[partner]))
-                counted += 1
-            match = re.fullmatch(r"the right image contains an? (\w+) (\w+)\.", ex["text"])
-            if match:
-                assert ex["extra"]["label"] == any((o["color"], o["shape"]) == match.groups() for o in objects[partner])
-                counted += 1
+        assert ex["key"] == scene["key"] and ex["image"] == scene["image"] and ex["boxes"] == scene["boxes"]
+        _, _, right = balanced_statement(synthetic.seed, "val", int(scene["key"].rpartition("-")[2]),
+                                         int(scene["extra"]["pair"]["partner"].rpartition("-")[2]))
+        right_objs = layout(synthetic.seed, "val", right)[2]
+        assert ex["image2"] == scene_jpeg(synthetic.seed, "val", right) and len(ex["boxes2"]) == len(right_objs)
+        partner = f"val-{right:07d}"
+        if partner in by_key:  # a right scene of the split is its file, byte for byte
+            assert ex["image2"] == by_key[partner] and len(objects[partner]) == len(right_objs)
+        # the label is the truth of the statement, from the objects of both scenes
+        n_left = len(objects[ex["key"]])
+        if ex["text"] == "the left image has more shapes than the right image.":
+            assert ex["extra"]["label"] == (n_left > len(right_objs))
+            counted += 1
+        if ex["text"] == "the right image has more shapes than the left image.":
+            assert ex["extra"]["label"] == (len(right_objs) > n_left)
+            counted += 1
+        match = re.fullmatch(r"the right image contains an? (\w+) (\w+)\.", ex["text"])
+        if match:
+            assert ex["extra"]["label"] == any((o.color, o.shape) == match.groups() for o in right_objs)
+            counted += 1
     assert counted > 0
-    split, _, index = partner.rpartition("-")
-    assert Image.open(io.BytesIO(scene_jpeg(synthetic.seed, split, int(index)))).size[0] > 0
+    assert Image.open(io.BytesIO(ex["image2"])).size[0] > 0
     labels = [ex["extra"]["label"] for ex in pairs]
     assert 0.35 < sum(labels) / len(labels) < 0.65  # balanced, as NLVR2: the trivial classifier scores 0.5

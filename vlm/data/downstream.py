@@ -185,10 +185,10 @@ class SyntheticVQA(WebDataset):
 
 
 class SyntheticNLVR2(WebDataset):
-    """The built-in scenes as statement pairs: each scene (left) with the scene its ``pair`` names (right, drawn
-    again from the generator's ``seed``, byte for byte its file), a statement about the two true for half the
-    pairs (`balanced_statement`: the majority class scores 0.5, as on NLVR2, though the wording leaks the label)
-    and whether it holds."""
+    """The built-in scenes as statement pairs: each scene (left), a statement about it and a second scene
+    (right, drawn again from the generator's ``seed``: the first one from the scene its ``pair`` names on for
+    which the statement has a truth drawn beforehand), and whether the statement holds. `balanced_statement`
+    draws truth and wording independently, so neither the majority class nor the text alone beats 0.5."""
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -205,9 +205,9 @@ class SyntheticNLVR2(WebDataset):
             if not (partner.isdigit() and own.isdigit()):
                 yield {"key": ex["key"], "bad": "missing_pair_image"}
                 continue
-            statement, label = balanced_statement(self.seed, split, int(own), int(partner))
-            right = layout(self.seed, split, int(partner))[2]
-            yield {"key": ex["key"], "image": ex["image"], "image2": scene_jpeg(self.seed, split, int(partner)),
+            statement, label, partner = balanced_statement(self.seed, split, int(own), int(partner))
+            right = layout(self.seed, split, partner)[2]
+            yield {"key": ex["key"], "image": ex["image"], "image2": scene_jpeg(self.seed, split, partner),
                    "boxes": ex.get("boxes"), "box_labels": ex.get("box_labels"),
                    "boxes2": [list(o.box) for o in right], "box_labels2": [SHAPES.index(o.shape) for o in right],
                    "text": statement, "extra": {"label": label, "identifier": ex["key"]}}

@@ -18,6 +18,7 @@ import math
 import os
 import tarfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,20 +172,44 @@ def _pair_statement(left: list[Obj], right: list[Obj], rng: np.random.Generator)
     return f"the right image contains {_a(o.color)} {o.shape}.", any((p.color, p.shape) == (o.color, o.shape) for p in right)
 
 
-def balanced_statement(seed: int, split: str, index: int, partner: int) -> tuple[str, bool]:
-    """A pair statement about scenes ``index`` (left) and ``partner`` (right) that is true for half the scenes,
-    as NLVR2's are: the truth is drawn first, then statements until one has it (the templates of the shards'
-    ``pair``, whose own statements are mostly false). Balanced overall, not per template: a template that is
-    rarely true is rarely the true one, so the wording alone predicts the label better than chance
-    (experiments/downstream/text_prior.py). A pure function of its arguments."""
-    left, right = layout(seed, split, index)[2], layout(seed, split, partner)[2]
+def _pair_template(left: list[Obj], rng: np.random.Generator) -> tuple[str, Callable[[list[Obj]], bool]]:
+    """A pair statement chosen from the left scene alone, and its truth as a function of the right scene's
+    objects. Chosen so that either truth is reachable with some right scene."""
+    kind = rng.integers(4)
+    if kind == 0:  # "more" in the direction the left count leaves open
+        n = len(left)
+        if n <= 2:
+            return "the right image has more shapes than the left image.", lambda right: len(right) > n
+        return "the left image has more shapes than the right image.", lambda right: n > len(right)
+    if kind == 1 and left:
+        c = left[rng.integers(len(left))].color
+        return f"both images contain {_a(c)} shape.", lambda right: any(o.color == c for o in right)
+    if kind == 2:
+        s = SHAPES[rng.integers(len(SHAPES))]
+        has = any(o.shape == s for o in left)
+        return f"exactly one image contains a {s}.", lambda right: any(o.shape == s for o in right) != has
+    o = left[rng.integers(len(left))] if left else Obj("circle", "red", "small", (0, 0, 1, 1))
+    return (f"the right image contains {_a(o.color)} {o.shape}.",
+            lambda right: any((p.color, p.shape) == (o.color, o.shape) for p in right))
+
+
+def balanced_statement(seed: int, split: str, index: int, partner: int) -> tuple[str, bool, int]:
+    """A pair statement about scene ``index`` (left) whose label carries nothing the wording can give away,
+    as NLVR2 intends: the truth and the statement are drawn independently (the statement from the left scene
+    alone), then the right scene is searched for among the split's generator, starting at ``partner``, until
+    the statement has the drawn truth (experiments/downstream/text_prior.py measures the text-only prior).
+    Returns (statement, label, right scene index); a pure function of its arguments."""
+    left = layout(seed, split, index)[2]
     rng = np.random.default_rng([seed, SPLITS[split], index, 3])
     want = bool(rng.random() < 0.5)
-    for _ in range(100):
-        statement, truth = _pair_statement(left, right, rng)
+    statement, truth_of = _pair_template(left, rng)
+    right = partner
+    for _ in range(1000):
+        truth = truth_of(layout(seed, split, right)[2])
         if truth == want:
             break
-    return statement, truth
+        right = int(rng.integers(10**7))
+    return statement, truth, right
 
 
 def layout(seed: int, split: str, index: int) -> tuple[int, int, list[Obj]]:
