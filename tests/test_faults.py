@@ -124,7 +124,8 @@ def test_sigterm_saves_a_whole_checkpoint_exits_0_and_the_folder_resumes(data_di
 
 def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
     """SIGKILL (no clean-up at all) after a random number of checkpoints; the same command on the same folder
-    resumes from its last checkpoint and ends with the weights of a run never interrupted (fp32, CPU)."""
+    resumes from its last checkpoint and ends with the weights of a run never interrupted (fp32, CPU), having
+    trained on the same samples in the same order."""
     import random
     import signal
     import subprocess
@@ -136,7 +137,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_run_bit_for_
     def command(folder, steps):
         return [sys.executable, "-m", "vlm.train", f"paths.data_dir={data_dir}", *SMALL_DATA, *COMMON,
                 f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "task.scheduler.steps=6",
-                "trainer.deterministic=true", f"hydra.run.dir={folder}"]
+                "trainer.deterministic=true", "callbacks.sample_log.enabled=true", f"hydra.run.dir={folder}"]
 
     def run(folder, steps=6):
         res = subprocess.run(command(folder, steps), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -160,6 +161,9 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_run_bit_for_
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), f"killed after step {at}"
+    whole, resumed = samples_seen(tmp_path / "whole"), samples_seen(killed)  # the same keys in the same order
+    assert sorted(whole) == list(range(6)) and whole == resumed
+    assert (killed / "samples" / "rank0.tsv").read_text().count("# start") == 2
 
 
 def test_fsdp_config_builds_lightnings_strategy_over_the_transformer_blocks():
@@ -188,3 +192,56 @@ def test_ddp_on_two_cpu_processes_runs_a_step(data_dir, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "MEMBER: 2/2" in res.stdout + res.stderr and "val/itm_acc" in res.stdout
+
+
+def samples_seen(folder) -> dict[int, list[str]]:
+    """The sample keys of each step a run trained on, from its SampleLog files (all ranks; the steps a resume
+    trained again count as trained after it)."""
+    seen: dict[int, list[str]] = {}
+    for f in sorted((folder / "samples").glob("rank*.tsv")):
+        steps: dict[int, list[str]] = {}
+        for line in f.read_text().splitlines():
+            if line.startswith("# start "):
+                start = int(line.split()[-1])
+                steps = {s: k for s, k in steps.items() if s < start}
+                continue
+            step, key = line.split("\t")
+            steps.setdefault(int(step), []).append(key)
+        for step, keys in steps.items():
+            seen.setdefault(step, []).extend(keys)
+    return seen
+
+
+def test_ddp_on_two_processes_trains_as_one_process_with_the_same_global_batch(data_dir, tmp_path):
+    """trainer=ddp on 2 CPU processes (gloo) against one process with the same global batch of 16 in two micro-
+    batches of 8 and 2 loader workers: the one process's micro-batches are the two ranks' batches (a stream per
+    rank x worker, its order and its ITM / MLM draws a function of the stream), so after 20 steps (fp32) the
+    weights agree to 1e-5 relative and the same samples were seen."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    common = [sys.executable, "-m", "vlm.train", f"paths.data_dir={data_dir}", *SMALL_DATA, "logger=none",
+              "callbacks.progress_bar=null", "callbacks.sample_log.enabled=true", "trainer.precision=32-true",
+              "data.batch_size=16", "data.image_size=64", "data.max_size=96", "trainer.max_steps=20",
+              "trainer.val_check_interval=20", "+trainer.limit_val_batches=1", "task.test_split=false"]
+    runs = {"one": [*common, "data.micro_batch_size=8", "data.num_workers=2"],
+            "ddp": [*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.num_workers=1"]}
+    for name, cmd in runs.items():
+        res = subprocess.run([*cmd, f"hydra.run.dir={tmp_path / name}"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one, ddp = (torch.load(tmp_path / n / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+                for n in runs)
+    assert one["global_step"] == ddp["global_step"] == 20
+    a, b = one["state_dict"], ddp["state_dict"]
+    assert a.keys() == b.keys()
+    # the weights as one vector: per tensor, the key bias of attention (which softmax ignores, so its gradient is
+    # round-off alone, scaled up to full steps by Adam) differs by more, in both runs meaninglessly
+    x, y = (torch.cat([w[k].double().flatten() for k in a if a[k].is_floating_point()]) for w in (a, b))
+    assert float((x - y).norm() / x.norm()) < 1e-5, float((x - y).norm() / x.norm())
+    assert one["optimizer_states"][0]["state"], "no optimiser step was taken"
+    seen_one, seen_ddp = samples_seen(tmp_path / "one"), samples_seen(tmp_path / "ddp")
+    assert sorted(seen_one) == sorted(seen_ddp) == list(range(20))
+    assert all(sorted(seen_one[s]) == sorted(seen_ddp[s]) and len(seen_one[s]) == 16 for s in seen_one)

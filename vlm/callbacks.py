@@ -189,6 +189,34 @@ class SkipNonFinite(L.Callback):
         self.skipped, self.in_row = state_dict["skipped"], state_dict["in_row"]
 
 
+class SampleLog(L.Callback):
+    """The key of every training sample, one ``<step>\t<key>`` line each, in ``<dirpath>/rank<r>.tsv``: what a
+    run saw, to audit its data or to check that a resumed or distributed run saw what another did. Each start
+    writes ``# start <step>``; a resumed run appends, so the steps after its checkpoint come twice, the later ones
+    being what the run kept."""
+
+    def __init__(self, dirpath: str, enabled: bool = True):
+        self.dirpath, self.enabled = dirpath, enabled
+        self._file = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            import os
+
+            os.makedirs(self.dirpath, exist_ok=True)
+            self._file = open(os.path.join(self.dirpath, f"rank{trainer.global_rank}.tsv"), "a")
+            self._file.write(f"# start {trainer.global_step}\n")
+        self._file.writelines(f"{trainer.global_step}\t{key}\n" for key in batch.keys)
+        self._file.flush()  # a killed run's log holds every batch it trained on
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class CheckpointOnSignal(L.Callback):
     """On SIGTERM (a preemption, ``scancel``, a spot instance reclaimed), which Lightning turns into a clean stop
     at the next step boundary, save ``<dirpath>/last.ckpt`` — model, optimiser, schedule, data position — so
