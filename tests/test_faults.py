@@ -245,3 +245,124 @@ def test_ddp_on_two_processes_trains_as_one_process_with_the_same_global_batch(d
     seen_one, seen_ddp = samples_seen(tmp_path / "one"), samples_seen(tmp_path / "ddp")
     assert sorted(seen_one) == sorted(seen_ddp) == list(range(20))
     assert all(sorted(seen_one[s]) == sorted(seen_ddp[s]) and len(seen_one[s]) == 16 for s in seen_one)
+
+
+def test_a_launchers_requeue_signal_saves_last_ckpt_then_hands_over(data_dir, tmp_path):
+    """Under submitit, SIGUSR2 (its timeout / preemption signal) has submitit's handler, which requeues the job and
+    exits: CheckpointOnSignal writes last.ckpt at the step's end first, then runs that handler."""
+    import json
+    import os
+    import signal
+
+    import vlm.train as vt
+
+    calls = []
+
+    def launcher(signum, frame):  # what submitit's handler does: requeue, exit
+        calls.append((signum, (tmp_path / "checkpoints" / "last.ckpt").is_file()))
+        raise SystemExit(3)
+
+    previous = signal.signal(signal.SIGUSR2, launcher)
+    cfg = run_cfg(data_dir, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=100")
+    dm, task, trainer = build(cfg)
+    step = task.training_step
+
+    def training_step(batch, batch_idx):
+        if task.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return step(batch, batch_idx)
+
+    task.training_step = training_step
+    real_build, vt.build = vt.build, lambda c: (dm, task, trainer)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            vt.train(cfg)
+    finally:
+        vt.build = real_build
+        assert signal.getsignal(signal.SIGUSR2) is launcher  # given back
+        signal.signal(signal.SIGUSR2, previous)
+    assert stop.value.code == 3 and calls == [(signal.SIGUSR2, True)]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "preempted"
+
+
+def test_without_a_launcher_the_requeue_signal_is_left_alone(data_dir, tmp_path):
+    import signal
+
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    cfg = run_cfg(data_dir, tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=100")
+    dm, task, trainer = build(cfg)
+    trainer.fit(task, datamodule=dm)
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+
+
+def _processes(*needles: str) -> list[int]:
+    """The processes whose command line holds every one of ``needles``."""
+    import os
+
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(n in cmd for n in needles):
+            pids.append(int(pid))
+    return pids
+
+
+def test_submitit_local_sweep_is_preempted_requeued_and_resumes(data_dir, tmp_path):
+    """python -m vlm.train -m hydra/launcher=submitit_local over two seeds, both jobs sent submitit's preemption
+    signal mid-run: each saves last.ckpt, is requeued by submitit, resumes from its run folder and ends."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "vlm.train", "-m", "hydra/launcher=submitit_local", "seed=0,1",
+           f"paths.data_dir={data_dir}", *SMALL_DATA, *COMMON, "trainer.max_steps=12", "trainer.val_check_interval=2",
+           "data.image_size=64", "data.max_size=96", "+trainer.limit_val_batches=1", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marks, deadline, sent = [sweep / j / "checkpoints" / "step000002.ckpt" for j in "01"], time.time() + 400, []
+    while proc.poll() is None and time.time() < deadline and not sent:
+        if all(m.exists() for m in marks):
+            sent = _processes("submitit.core._submit", str(sweep))  # the jobs' task processes
+            for pid in sent:
+                os.kill(pid, signal.SIGUSR2)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=max(10, deadline - time.time()))
+    assert proc.returncode == 0, out[-3000:]
+    assert len(sent) == 2, f"signalled {sent}: a job ended before the signal"
+    for job in "01":
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert results["status"] == "complete" and results["steps"] == 12, (job, results)
+        log = (sweep / job / "train.log").read_text() + "".join(
+            p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+        assert f"resuming from {sweep / job / 'checkpoints' / 'last.ckpt'}" in log, log[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert logs.count("stopped by SIGUSR2 at step") == 2 and "Requeued job" in logs, logs[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "slurm"])
+def test_slurm_launcher_configs_compose_with_their_keys(launcher):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import ROOT
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu", "trainer=ddp",
+                                          "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True)
+    la = cfg.hydra.launcher
+    assert la._target_.endswith("SlurmLauncher") and la.partition == "gpu"
+    for key in ("timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "signal_delay_s", "max_num_timeout"):
+        assert key in la
+    if launcher == "slurm":
+        assert (la.gpus_per_node, la.tasks_per_node, la.nodes) == (4, 4, 2) and la.max_num_timeout > 0

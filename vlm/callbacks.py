@@ -218,15 +218,28 @@ class SampleLog(L.Callback):
 
 
 class CheckpointOnSignal(L.Callback):
-    """On SIGTERM (a preemption, ``scancel``, a spot instance reclaimed), which Lightning turns into a clean stop
-    at the next step boundary, save ``<dirpath>/last.ckpt`` — model, optimiser, schedule, data position — so
-    that the run resumes from there (`vlm.resume.run_folder_checkpoint`), and exit with status 0. Other errors
-    save nothing: a step that failed half-way is no state to resume from. (On SLURM, SIGUSR1 before the time
-    limit is Lightning's own requeue: it saves and requeues the job.) A plain callback, not a Lightning
-    ``Checkpoint``: a second one of those beside ``ModelCheckpoint`` stops the latter writing ``last.ckpt``."""
+    """Save ``<dirpath>/last.ckpt`` — model, optimiser, schedule, data position, random states — when the run is
+    told to stop, so that it resumes from there (`vlm.resume.run_folder_checkpoint`: the same command on the same
+    run folder, as a requeued job is started).
 
-    def __init__(self, dirpath: str, filename: str = "last"):
+    - SIGTERM (a preemption, ``scancel``, a spot instance reclaimed): Lightning stops at the next step boundary;
+      the checkpoint is written and the process exits with status 0.
+    - ``requeue_signal`` (submitit's timeout / preemption signal, SIGUSR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` says
+      otherwise), when a handler for it is already installed (submitit's, under ``hydra/launcher=submitit_*``):
+      at the next step boundary the checkpoint is written, then that handler runs — submitit requeues the job
+      and exits. Without such a handler the signal is left alone. Under DDP the ranks agree on the step.
+
+    Other errors save nothing: a step that failed half-way is no state to resume from. A plain callback, not a
+    Lightning ``Checkpoint``: a second one of those beside ``ModelCheckpoint`` stops the latter writing ``last.ckpt``.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last", requeue_signal: str | None = None):
+        import os
+
         self.dirpath, self.filename = dirpath, filename
+        self.requeue_signal = requeue_signal or "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        self.saved_at: int | None = None  # the step of the checkpoint written on a signal
+        self._handler = self._pending = None
 
     @property
     def ckpt_path(self) -> str:
@@ -234,9 +247,57 @@ class CheckpointOnSignal(L.Callback):
 
         return os.path.join(self.dirpath, f"{self.filename}.ckpt")
 
+    @staticmethod
+    def stopped(trainer) -> bool:
+        """Whether the run was stopped by a signal, its checkpoint written."""
+        return any(isinstance(cb, CheckpointOnSignal) and cb.saved_at is not None for cb in trainer.callbacks)
+
+    def _save(self, trainer, why: str) -> None:
+        trainer.save_checkpoint(self.ckpt_path)
+        self.saved_at = trainer.global_step
+        if trainer.is_global_zero:
+            print(f"stopped by {why} at step {trainer.global_step}; saved {self.ckpt_path}", file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        signum = getattr(signal, self.requeue_signal, None)
+        if signum is None or threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(signum)
+        if callable(handler):  # a launcher's: it runs once the checkpoint is written
+            self._handler = handler
+            signal.signal(signum, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self._pending = (signum, frame)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._handler is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        pending = self._pending is not None
+        if trainer.world_size > 1:  # every rank saves (the data position is gathered), at the same step
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        if not pending:
+            return
+        import signal
+
+        self._save(trainer, self.requeue_signal)
+        signum, frame = self._pending or (getattr(signal, self.requeue_signal), None)
+        handler, self._pending = self._handler, None
+        self.teardown(trainer, pl_module, "fit")
+        handler(signum, frame)  # submitit: requeue the job, exit
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        import signal
+
+        if self._handler is not None:
+            signal.signal(getattr(signal, self.requeue_signal), self._handler)
+            self._handler = None
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.ckpt_path)
-            print(f"stopped by SIGTERM at step {trainer.global_step}; saved {self.ckpt_path}", file=sys.stderr)
+            self._save(trainer, "SIGTERM")

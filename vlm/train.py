@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.callbacks import Throughput
+from vlm.callbacks import CheckpointOnSignal, Throughput
 from vlm.cli import CONF_DIR, quote_brace_ranges
 from vlm.config import building, check, check_run, devices_of, reported
 from vlm.loggers import close_loggers
@@ -73,8 +73,9 @@ def train(cfg: DictConfig) -> float | None:
         results.update(status="complete", steps=trainer.global_step, precision=str(trainer.precision),
                        metrics=metrics, summary=summary, history=Throughput.history_of(trainer),
                        skipped={k: dict(v) for k, v in dm.skipped.items()})
-    except SIGTERMException:  # a clean stop: CheckpointOnSignal saved last.ckpt, the same command resumes
-        results.update(status="preempted", steps=trainer.global_step)
+    except BaseException as e:  # a signal's stop (SIGTERM, a launcher's requeue): last.ckpt saved, the same command resumes
+        if isinstance(e, SIGTERMException) or CheckpointOnSignal.stopped(trainer):
+            results.update(status="preempted", steps=trainer.global_step)
         raise
     finally:
         out_dir.mkdir(parents=True, exist_ok=True)
