@@ -366,3 +366,85 @@ def test_slurm_launcher_configs_compose_with_their_keys(launcher):
         assert key in la
     if launcher == "slurm":
         assert (la.gpus_per_node, la.tasks_per_node, la.nodes) == (4, 4, 2) and la.max_num_timeout > 0
+
+
+@pytest.mark.parametrize("on_error", ["stop", "continue"])
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_or_training_goes_on(on_error, data_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A full disk from step 4 on, failing half-way through each write: last.ckpt stays the whole checkpoint of
+    step 2, no temp file is left, and the run stops with one line or (on_error=continue) trains to the end."""
+    import vlm.checkpoint_io as io
+    from vlm.train import train
+
+    real_save = io.torch.save
+
+    def save(obj, f):
+        if obj["global_step"] >= 4:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(io.torch, "save", save)
+    cfg = run_cfg(data_dir, tmp_path, "trainer.max_steps=6", f"callbacks.model_checkpoint.on_error={on_error}")
+    ckpts = tmp_path / "checkpoints"
+    if on_error == "stop":
+        with pytest.raises(TrainingError, match=rf"^could not write checkpoint {ckpts}/step000004.ckpt at step 4: No space "
+                           rf"left on device; stopping \(callbacks.model_checkpoint.on_error=continue trains on\); the "
+                           rf"last complete one is of step 2 \({ckpts}/last.ckpt\)$"):
+            train(cfg)
+    else:
+        with pytest.warns(UserWarning, match="No space left on device; training goes on"):
+            train(cfg)
+        import json
+
+        assert json.loads((tmp_path / "results.json").read_text())["steps"] == 6
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step000002.ckpt"]
+
+
+def test_a_run_folder_holding_another_runs_checkpoints_is_refused_in_one_line(data_dir, tmp_path):
+    """The same folder with another model or task would load the checkpoints of another run: refused at start,
+    naming the folder and what differs; the same with ckpt_path names the file. The folder is left as it was."""
+    from vlm.errors import ConfigError
+    from vlm.train import train
+
+    train(run_cfg(data_dir, tmp_path / "a", "trainer.max_steps=2"))
+    before = sorted((tmp_path / "a" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=rf"^the run folder {tmp_path / 'a'} holds the checkpoints of another run "
+                       r"\(model.num_layers: 2 there, 1 here\): resume it with its own config, or start this run in a "
+                       r"new folder \(hydra.run.dir=...\)$"):
+        build(run_cfg(data_dir, tmp_path / "a", "trainer.max_steps=4", "model.num_layers=1"))
+    with pytest.raises(ConfigError, match=r"holds the checkpoints of another run \(task: PretrainLitModule there, "
+                       r"VQALitModule here"):
+        build(run_cfg(data_dir, tmp_path / "a", "trainer.max_steps=4", "task=vqa", "data=synthetic_vqa"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=rf"^ckpt_path={last} is a checkpoint of another run \(model.embedder.patch_size: "
+                       r"32 there, 16 here\): resume with the same, or start anew from its weights"):
+        build(run_cfg(data_dir, tmp_path / "b", "trainer.max_steps=4", "model.embedder.patch_size=16", f"ckpt_path={last}"))
+    assert sorted((tmp_path / "a" / "checkpoints").iterdir()) == before
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(data_dir, tmp_path_factory):
+    """checkpoints/last.ckpt of a 2-step run."""
+    from vlm.train import train
+
+    folder = tmp_path_factory.mktemp("trained")
+    train(run_cfg(data_dir, folder, "trainer.max_steps=2"))
+    return folder / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", r"a torch file cut short \(its zip archive has no end"),
+    ("garbage", r"not a weights file: neither a torch file nor .safetensors \(it starts with b'garb'\)"),
+    ("empty", r"not a weights file: neither a torch file nor .safetensors \(an empty file\)"),
+])
+@pytest.mark.parametrize("key", ["ckpt_path", "model.init_from"])
+def test_a_broken_checkpoint_file_stops_at_start_in_one_line(kind, message, key, trained_ckpt, data_dir, tmp_path):
+    from vlm.errors import ConfigError
+
+    whole = trained_ckpt.read_bytes()
+    bad = tmp_path / f"{kind}.ckpt"
+    bad.write_bytes({"truncated": whole[: len(whole) // 2], "garbage": b"garbage\n", "empty": b""}[kind])
+    with pytest.raises(ConfigError, match=rf"^{key}(=|: ){bad}: {message}"):
+        build(run_cfg(data_dir, tmp_path / "b", "trainer.max_steps=4", f"{key}={bad}"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch import callbacks
@@ -187,6 +188,36 @@ class SkipNonFinite(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped, self.in_row = state_dict["skipped"], state_dict["in_row"]
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with a choice for a checkpoint that cannot be written (a full disk, a lost
+    mount, no permission): ``on_error="stop"`` ends the run with one line, ``"continue"`` warns and trains on,
+    trying again at the next checkpoint. Either way no half-written file takes a checkpoint's name
+    (`vlm.checkpoint_io.AtomicCheckpointIO`): ``last.ckpt`` keeps the last complete checkpoint."""
+
+    def __init__(self, *args, on_error: Literal["stop", "continue"] = "stop", **kwargs):
+        if on_error not in ("stop", "continue"):
+            raise ValueError(f"on_error must be 'stop' or 'continue', got {on_error!r}")
+        super().__init__(*args, **kwargs)
+        self.on_error, self.failed_writes = on_error, 0
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as e:
+            self.failed_writes += 1
+            kept = (f"the last complete one is of step {self._last_global_step_saved} ({self._last_checkpoint_saved})"
+                    if self._last_checkpoint_saved else "none was written before")
+            what = f"could not write checkpoint {filepath} at step {trainer.global_step}: {e.strerror or e}"
+            if self.on_error == "stop":
+                from vlm.errors import TrainingError
+
+                raise TrainingError(f"{what}; stopping (callbacks.model_checkpoint.on_error=continue trains on); "
+                                    f"{kept}") from None
+            warnings.warn(f"{what}; training goes on (callbacks.model_checkpoint.on_error=continue); {kept}", stacklevel=2)
+            if trainer.world_size > 1:  # the ranks that wrote nothing wait there
+                trainer.strategy.barrier("Trainer.save_checkpoint")
 
 
 class SampleLog(L.Callback):

@@ -55,13 +55,21 @@ def _check_node(cfg: DictConfig, target: str, path: str, handled: frozenset[str]
         obj = get_object(target)
     except Exception as e:
         raise ConfigError(f"{path}._target_: cannot import {target!r} ({type(e).__name__})") from None
-    fn = obj.__init__ if inspect.isclass(obj) else obj
-    params = inspect.signature(fn).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    try:
-        hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception:  # unresolvable annotations in a third-party signature: check names only
-        hints = {}
+    # a subclass whose __init__ passes **kwargs on: its bases' signatures too, down to one that takes no **kwargs
+    fns = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+    params: dict = {}
+    hints: dict = {}
+    for fn in fns:
+        own = inspect.signature(fn).parameters
+        try:
+            own_hints = typing.get_type_hints(fn, include_extras=True)
+        except Exception:  # unresolvable annotations in a third-party signature: check names only
+            own_hints = {}
+        params = {**own, **params}
+        hints = {**own_hints, **hints}
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values())
+        if not open_ended:
+            break
     for key in cfg:
         if str(key).startswith("_"):
             continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vlm.errors import ConfigError
 from vlm.models.weights import load_file
@@ -30,13 +30,46 @@ def read_training_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def check_resume(cfg: DictConfig, ckpt: dict, streams: dict, schedule_steps: int | None) -> None:
+# model keys that do not change what the weights are: they may differ on a resume
+_FREE = {"init_from", "compile", "freeze", "lr_mult", "max_tokens", "vocab_size", "dropout"}
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def _another_run(cfg: DictConfig, ckpt: dict) -> list[str]:
+    """How the run that wrote ``ckpt`` differs from ``cfg`` in what its weights are: task, architecture."""
+    hp = ckpt.get("hyper_parameters") or {}
+    diff = []
+    task = (cfg.get("task") or {}).get("_target_")
+    if hp.get("task") and task and hp["task"] != task:
+        diff.append(f"task: {hp['task'].rpartition('.')[2]} there, {task.rpartition('.')[2]} here")
+    here = _flat(OmegaConf.to_container(cfg.model, resolve=True))
+    for key, value in _flat(hp.get("model") or {}).items():
+        if key.rpartition(".")[2] in _FREE or key not in here or here[key] == value:
+            continue
+        diff.append(f"model.{key}: {value} there, {here[key]} here")
+    return diff
+
+
+def check_resume(cfg: DictConfig, ckpt: dict, streams: dict, schedule_steps: int | None,
+                 run_folder: str | None = None) -> None:
     """Raise ConfigError where ``cfg`` would resume ``ckpt`` differently from how it was written.
 
     ``streams``: this run's data layout (``world``, ``workers``, ``shards``, as the data module records it);
-    ``schedule_steps``: the horizon this run's schedule would have.
+    ``schedule_steps``: the horizon this run's schedule would have; ``run_folder``: set when the checkpoint is
+    the run folder's own (no ``ckpt_path`` given), whose checkpoints a run of another task or model must not take.
     """
     where = f"ckpt_path={cfg.ckpt_path}"
+    if diff := _another_run(cfg, ckpt):
+        if run_folder:
+            raise ConfigError(f"the run folder {run_folder} holds the checkpoints of another run ({'; '.join(diff)}): "
+                              "resume it with its own config, or start this run in a new folder (hydra.run.dir=...)")
+        raise ConfigError(f"{where} is a checkpoint of another run ({'; '.join(diff)}): resume with the same, or start "
+                          "anew from its weights with model.init_from=...")
     data = next((v for k, v in ckpt.items() if isinstance(v, dict) and "progress" in v), None)
     if data is not None:
         written = data["progress"].get("layout")

@@ -39,14 +39,16 @@ def build(cfg: DictConfig):
         dm = instantiate(cfg.data)
         dm.check_files()
         accumulate = dm.accumulation(world)
-    if not cfg.get("ckpt_path") and (found := run_folder_checkpoint(cfg)):
-        print(f"resuming from {found}: this run folder's last checkpoint (ckpt_path=<file> for another, or a new "
-              "hydra.run.dir to start anew)")
+    found = None if cfg.get("ckpt_path") else run_folder_checkpoint(cfg)
+    if found:
         cfg.ckpt_path = found
     if cfg.get("ckpt_path"):
         scheduler = (cfg.get("task") or {}).get("scheduler") or {}
         check_resume(cfg, read_training_checkpoint(cfg.ckpt_path), dm.train_layout(world),
-                     scheduler.get("steps") or cfg.trainer.max_steps)
+                     scheduler.get("steps") or cfg.trainer.max_steps, run_folder=found and cfg.paths.output_dir)
+    if found:
+        print(f"resuming from {found}: this run folder's last checkpoint (ckpt_path=<file> for another, or a new "
+              "hydra.run.dir to start anew)")
     task = build_task(cfg.task, cfg.model, dm)
     # an entry set to null is switched off: callbacks.progress_bar=null, logger.csv=null
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

@@ -49,7 +49,8 @@ class VLTaskModule(L.LightningModule):
         self.test_split = test_split
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
         self.hparams.update({k: plain(v) for k, v in self.hparams.items()})
-        self.hparams.update(optimizer=describe(self.make_optimizer), scheduler=describe(self.make_scheduler))
+        self.hparams.update(optimizer=describe(self.make_optimizer), scheduler=describe(self.make_scheduler),
+                            task=f"{type(self).__module__}.{type(self).__qualname__}")
 
     # ---- optimisation --------------------------------------------------------------------------------------
 

@@ -30,8 +30,16 @@ def load_file(path: str | Path, trust_pickle: bool = False) -> Any:
         from safetensors.torch import load_file as load_safetensors
 
         return load_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch writes a zip archive (an old torch, a bare pickle)
+        what = "an empty file" if not head else f"it starts with {head!r}"
+        raise ValueError(f"{path}: not a weights file: neither a torch file nor .safetensors ({what})")
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: a torch file cut short (its zip archive has no end: a write that was interrupted, "
+                         "or a partial copy)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
     except pickle.UnpicklingError as e:
         if not trust_pickle:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
