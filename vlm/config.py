@@ -10,6 +10,7 @@ arguments) is `check_run`.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import inspect
 import re
 import sys
@@ -82,8 +83,28 @@ def _check_node(cfg: DictConfig, target: str, path: str, handled: frozenset[str]
             value = cfg[key]
             if value is None and where in handled:
                 continue
-            if not _accepts(value, hints[key]):
+            if isinstance(value, DictConfig) and (schema := _dataclass_of(hints[key])) is not None:
+                _check_fields(value, schema, where)
+            elif not _accepts(value, hints[key]):
                 raise ConfigError(f"config key '{where}' = {_show(value)}: expected {_name(hints[key])}")
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a hint names (``X`` or ``X | None``), or None."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    return next((h for h in options if dataclasses.is_dataclass(h)), None)
+
+
+def _check_fields(cfg: DictConfig, schema: type, path: str) -> None:
+    """A node given to a dataclass argument (``model.packing``): its keys are the dataclass's fields."""
+    hints = typing.get_type_hints(schema, include_extras=True)
+    for key in cfg:
+        where = f"{path}.{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{where}': {schema.__name__} has no field '{key}' "
+                              f"(fields: {', '.join(hints)})")
+        if not OmegaConf.is_missing(cfg, key) and not _accepts(cfg[key], hints[key]):
+            raise ConfigError(f"config key '{where}' = {_show(cfg[key])}: expected {_name(hints[key])}")
 
 
 def _accepts(value: Any, hint: Any) -> bool:

@@ -18,7 +18,21 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens
+from vlm.models.packing import Packing, PackedLayout, drop_tokens, fit_to
+
+_COMPILED_FLEX = []
+
+
+def _flex_attention(mask: BlockMask):
+    """FlexAttention, compiled once when the mask was built for compiled use (eager: a reference implementation)."""
+    if not getattr(mask, "compiled", False):
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=True))
+    return _COMPILED_FLEX[0]
 
 
 @dataclass
@@ -79,6 +93,9 @@ class Attention(TimmAttention):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, d] views
+        if isinstance(attn_mask, BlockMask):  # packed rows (vlm.models.packing): FlexAttention skips empty blocks
+            x = _flex_attention(attn_mask)(q, k, v, block_mask=attn_mask)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
         bf16 = x.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
@@ -129,8 +146,15 @@ class ViLT(nn.Module):
         qkv_bias: bool = True,
         num_modality_types: Annotated[int, Ge(2)] = 2,
         compile: bool = False,
+        packing: Packing | None = None,
     ):
         super().__init__()
+        self.packing = packing if isinstance(packing, Packing) else Packing(**dict(packing or {}))
+        if self.packing.enabled and self.packing.seq_len < max_text_len + 2:
+            raise ValueError(f"packing.seq_len={self.packing.seq_len} cannot hold a text of max_text_len={max_text_len}, "
+                             "the image CLS and a visual token")
+        # tokens the blocks ran on, real and in all, and visual tokens truncated: the task logs and resets them
+        self.stats = {"real": 0, "slots": 0, "truncated": 0}
         if embedder.hidden_size != hidden_size:
             raise ValueError(f"embedder.hidden_size={embedder.hidden_size} differs from hidden_size={hidden_size}")
         self.hidden_size = hidden_size
@@ -192,11 +216,21 @@ class ViLT(nn.Module):
         image, image_mask = self.embed_image(visual, image_token_type)
         text_mask = attention_mask.bool()
         x = torch.cat([text.to(image.dtype), image], dim=1)
-        mask = torch.cat([text_mask, image_mask], dim=1)
-        # keys that may be attended to, for every query and head; none to mask: no mask, the faster kernels
-        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, attn_mask=attn_mask)
+        if self.packing.enabled:
+            if self.training and self.packing.token_drop > 0:
+                image_mask = drop_tokens(image_mask, self.packing.token_drop)
+            image_mask, truncated = fit_to(image_mask, text_mask.sum(1), self.packing.seq_len)
+            self.stats["truncated"] += truncated
+            mask = torch.cat([text_mask, image_mask], dim=1)
+            x = self.packed_blocks(x, mask)
+        else:
+            mask = torch.cat([text_mask, image_mask], dim=1)
+            self.stats["slots"] += mask.numel()
+            # keys that may be attended to, for every query and head; none to mask: no mask, the faster kernels
+            attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
+            for block in self.blocks:
+                x = block(x, attn_mask=attn_mask)
+        self.stats["real"] += int(mask.sum())
         x = self.norm(x)
         return ViltOutput(
             last_hidden_state=x,
@@ -206,6 +240,22 @@ class ViLT(nn.Module):
             image_boxes=visual.boxes,
         )
 
+
+    def packed_blocks(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The blocks over ``x`` [B, T, D] packed into rows (`vlm.models.packing`), back in the padded layout."""
+        layout = PackedLayout.of(mask, self.packing.seq_len, self.packing.max_per_seq)
+        self.stats["slots"] += layout.shape[0] * layout.shape[1]
+        # FlexAttention has no backward pass on CPUs (torch 2.14): there it serves evaluation, training takes the mask
+        flex = self.packing.attention == "flex" and not (x.device.type == "cpu" and torch.is_grad_enabled())
+        if flex:
+            attn_mask = layout.block_mask(self.packing.compile_flex)
+            attn_mask.compiled = self.packing.compile_flex
+        else:
+            attn_mask = layout.dense_mask()
+        packed = layout.pack(x)
+        for block in self.blocks:
+            packed = block(packed, attn_mask=attn_mask)
+        return layout.unpack(packed, *mask.shape)
 
     def unimodal(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                  visual: VisualTokens | None = None) -> Tensor:

@@ -1,0 +1,150 @@
+"""Patch n' pack (Dehghani et al. 2023, NaViT): several examples' tokens in one sequence, none attending across.
+
+It acts on the transformer's input, after the text and visual embeddings (positions included) are made per
+example, so it works with every visual embedder: each example's real tokens — text, image CLS, visual tokens —
+are gathered into rows of at most ``seq_len`` tokens, the blocks run on the rows with an attention mask that
+keeps each token inside its own example, and the outputs are scattered back to the padded layout the heads read.
+Positions restart per example because they were added before packing; nothing else in the model changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+from annotated_types import Ge, Interval
+from torch import Tensor
+
+
+@dataclass
+class Packing:
+    """``model.packing``: ``enabled``; ``seq_len``, the tokens of one packed row; ``max_per_seq``, the examples of
+    one row at most; ``too_long``: an example over ``seq_len`` has visual tokens dropped, evenly over the image
+    (``truncate``, counted as ``data/truncated``), or the run is refused at start unless every example fits
+    (``refuse``: ``seq_len`` >= text + image CLS + the embedder's ``max_tokens``); ``attention``: a dense boolean
+    mask with SDPA (``dense``) or FlexAttention with a block mask (``flex``; ``compile_flex`` compiles it);
+    ``token_drop``: the share of each example's visual tokens dropped at random in training (NaViT's
+    continuous token dropping), off at evaluation."""
+
+    enabled: bool = False
+    seq_len: Annotated[int, Ge(4)] = 512
+    max_per_seq: Annotated[int, Ge(1)] = 16
+    too_long: Literal["truncate", "refuse"] = "truncate"
+    attention: Literal["dense", "flex"] = "dense"
+    compile_flex: bool = False
+    token_drop: Annotated[float, Interval(ge=0, lt=1)] = 0.0
+
+
+def assign_rows(lengths: list[int], seq_len: int, max_per_seq: int) -> list[list[int]]:
+    """Examples (by token count) -> rows: as few rows as the tokens need, each example, longest first, into the
+    emptiest row with room (a new row when none has). Rows come out balanced, so cut to the fullest one they
+    carry little padding. Every length must be <= ``seq_len``."""
+    rows = max(1, -(-sum(lengths) // seq_len))
+    fills, members = [0] * rows, [[] for _ in range(rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        room = [r for r in range(len(fills)) if fills[r] + lengths[i] <= seq_len and len(members[r]) < max_per_seq]
+        if room:
+            r = min(room, key=lambda r: (fills[r], r))
+        else:
+            fills.append(0)
+            members.append([])
+            r = len(fills) - 1
+        fills[r] += lengths[i]
+        members[r].append(i)
+    return [sorted(m) for m in members if m]
+
+
+@dataclass
+class PackedLayout:
+    """Where each real token of a padded [B, T] batch goes in [R, S] packed rows, and whose each slot is."""
+
+    index: Tensor  # [M] flat index (b * T + t) of every real token of the padded layout
+    rows: Tensor  # [M] its row
+    cols: Tensor  # [M] its place in the row
+    segments: Tensor  # [R, S] the example of each slot; -1 for padding
+    shape: tuple[int, int]
+
+    @staticmethod
+    def of(mask: Tensor, seq_len: int, max_per_seq: int) -> "PackedLayout":
+        """The layout of the real tokens of ``mask`` [B, T] (each example's count <= ``seq_len``)."""
+        b, t = mask.shape
+        lengths = mask.sum(1)
+        rows = assign_rows(lengths.tolist(), seq_len, max_per_seq)
+        row_of = torch.empty(b, dtype=torch.long)
+        start = torch.empty(b, dtype=torch.long)
+        width = 0
+        for r, members in enumerate(rows):
+            offset = 0
+            for i in members:
+                row_of[i], start[i] = r, offset
+                offset += int(lengths[i])
+            width = max(width, offset)
+        device = mask.device
+        row_of, start = row_of.to(device), start.to(device)
+        index = mask.flatten().nonzero().squeeze(1)
+        example = index // t
+        rank = mask.long().cumsum(1).flatten()[index] - 1  # the token's place among its example's real tokens
+        rows_t, cols = row_of[example], start[example] + rank
+        segments = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+        segments[rows_t, cols] = example
+        return PackedLayout(index, rows_t, cols, segments, (len(rows), width))
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[B, T, D] -> [R, S, D], padding slots zero."""
+        d = x.shape[-1]
+        out = x.new_zeros(*self.shape, d)
+        out[self.rows, self.cols] = x.reshape(-1, d)[self.index]
+        return out
+
+    def unpack(self, packed: Tensor, b: int, t: int) -> Tensor:
+        """[R, S, D] -> [B, T, D], the padded layout's padding positions zero."""
+        d = packed.shape[-1]
+        out = packed.new_zeros(b * t, d)
+        out[self.index] = packed[self.rows, self.cols]
+        return out.view(b, t, d)
+
+    def dense_mask(self) -> Tensor:
+        """[R, 1, S, S] bool: a token attends to the tokens of its own example (padding to padding, so no row of
+        the softmax is empty)."""
+        return (self.segments[:, :, None] == self.segments[:, None, :])[:, None]
+
+    def block_mask(self, compiled: bool = False):
+        """The same mask as a FlexAttention BlockMask: blocks wholly outside an example are skipped."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg = self.segments
+
+        def same_example(b, h, q, k):
+            return seg[b, q] == seg[b, k]
+
+        r, s = self.shape
+        return create_block_mask(same_example, B=r, H=None, Q_LEN=s, KV_LEN=s, device=seg.device, _compile=compiled)
+
+
+def fit_to(mask: Tensor, text_len: Tensor, seq_len: int) -> tuple[Tensor, int]:
+    """Drop visual tokens of the examples longer than ``seq_len`` (text + image CLS + visual tokens), evenly over
+    each image: (the new image mask [B, 1 + N], how many were dropped). ``text_len``: [B] real text tokens."""
+    room = seq_len - text_len - 1  # visual tokens an example may keep
+    visual = mask[:, 1:]
+    count = visual.sum(1)
+    over = (count > room).nonzero().squeeze(1)
+    if not len(over):
+        return mask, 0
+    mask = mask.clone()
+    for i in over.tolist():
+        real = visual[i].nonzero().squeeze(1)
+        keep = real[torch.linspace(0, len(real) - 1, int(room[i])).round().long()] if room[i] > 0 else real[:0]
+        mask[i, 1:] = False
+        mask[i, 1 + keep] = True
+    return mask, int((count - mask[:, 1:].sum(1)).sum())
+
+
+def drop_tokens(mask: Tensor, rate: float) -> Tensor:
+    """Drop round(rate x n) of each example's n visual tokens at random (at least one kept): NaViT's token
+    dropping. ``mask``: [B, 1 + N], the image CLS first (always kept)."""
+    visual = mask[:, 1:]
+    keep = (visual.sum(1).float() * (1 - rate)).round().clamp(min=1).long()
+    keys = torch.where(visual, torch.rand(visual.shape, device=mask.device), -1.0)
+    ranks = keys.argsort(1, descending=True).argsort(1)
+    return torch.cat([mask[:, :1], visual & (ranks < keep[:, None])], dim=1)
