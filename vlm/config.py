@@ -83,7 +83,7 @@ def _check_node(cfg: DictConfig, target: str, path: str, handled: frozenset[str]
             value = cfg[key]
             if value is None and where in handled:
                 continue
-            if isinstance(value, DictConfig) and (schema := _dataclass_of(hints[key])) is not None:
+            if isinstance(value, DictConfig) and "_target_" not in value and (schema := _dataclass_of(hints[key])):
                 _check_fields(value, schema, where)
             elif not _accepts(value, hints[key]):
                 raise ConfigError(f"config key '{where}' = {_show(value)}: expected {_name(hints[key])}")

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors reach `main`, which reports them on one line
@@ -60,6 +61,21 @@ def build(cfg: DictConfig):
     return dm, task, trainer
 
 
+def all_ranks(skipped: dict[str, Counter]) -> dict[str, Counter]:
+    """Each split's skipped-sample counts summed over the ranks (each counts what its own shards held)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return skipped
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: dict(v) for k, v in skipped.items()})
+    total: dict[str, Counter] = {}
+    for part in parts:
+        for split, counts in part.items():
+            total.setdefault(split, Counter()).update(counts)
+    return total
+
+
 def train(cfg: DictConfig) -> float | None:
     dm, task, trainer = build(cfg)
     out_dir = Path(cfg.paths.output_dir)
@@ -68,22 +84,25 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         metrics = task.evaluate(trainer, dm)
         summary = task.summary(trainer, dm)
-        print_metrics(metrics)
-        print_skipped(dm.skipped)
+        skipped = all_ranks(dm.skipped)
+        if trainer.is_global_zero:  # every rank evaluates (metrics are synced); one prints
+            print_metrics(metrics)
+            print_skipped(skipped)
         for lg in trainer.loggers:
             lg.log_metrics({**metrics, **summary}, step=trainer.global_step)
         results.update(status="complete", steps=trainer.global_step, precision=str(trainer.precision),
                        metrics=metrics, summary=summary, history=Throughput.history_of(trainer),
-                       skipped={k: dict(v) for k, v in dm.skipped.items()})
+                       skipped={k: dict(v) for k, v in skipped.items()})
     except BaseException as e:  # a signal's stop (SIGTERM, a launcher's requeue): last.ckpt saved, the same command resumes
         if isinstance(e, SIGTERMException) or CheckpointOnSignal.stopped(trainer):
             results.update(status="preempted", steps=trainer.global_step)
         raise
     finally:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(out_dir / "results.json")
+        if trainer.is_global_zero:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = out_dir / "results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(out_dir / "results.json")
         close_loggers(trainer.loggers)
     value = results["metrics"].get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None

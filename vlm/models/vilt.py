@@ -153,6 +153,13 @@ class ViLT(nn.Module):
         if self.packing.enabled and self.packing.seq_len < max_text_len + 2:
             raise ValueError(f"packing.seq_len={self.packing.seq_len} cannot hold a text of max_text_len={max_text_len}, "
                              "the image CLS and a visual token")
+        if self.packing.enabled and self.packing.too_long == "refuse":
+            most = max_text_len + 1 + embedder.max_tokens
+            if embedder.max_tokens <= 0 or self.packing.seq_len < most:
+                raise ValueError(f"packing.too_long=refuse: an example may have {max_text_len} text tokens, the "
+                                 f"image CLS and {embedder.max_tokens if embedder.max_tokens > 0 else 'unbounded'} "
+                                 f"visual tokens (model.embedder.max_tokens), more than model.packing.seq_len="
+                                 f"{self.packing.seq_len}: raise seq_len, cap max_tokens, or too_long=truncate")
         # tokens the blocks ran on, real and in all, and visual tokens truncated: the task logs and resets them
         self.stats = {"real": 0, "slots": 0, "truncated": 0}
         if embedder.hidden_size != hidden_size:

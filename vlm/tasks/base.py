@@ -69,6 +69,22 @@ class VLTaskModule(L.LightningModule):
         scheduler = self.make_scheduler(optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- what the transformer ran on --------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        stats = getattr(self.network, "stats", None)
+        if stats is not None:
+            stats.update(real=0, slots=0, truncated=0)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """``data/padding_fraction``: the share of the transformer's token slots that held padding in this step
+        (packed or padded alike); ``data/truncated``: visual tokens dropped to fit packed rows."""
+        stats = getattr(self.network, "stats", None)
+        if stats and stats["slots"]:
+            self.log("data/padding_fraction", 1 - stats["real"] / stats["slots"], batch_size=len(batch))
+            if getattr(self.network, "packing", None) is not None and self.network.packing.enabled:
+                self.log("data/truncated", float(stats["truncated"]), batch_size=len(batch), reduce_fx="sum")
+
     # ---- the end of a run ----------------------------------------------------------------------------------
 
     def evaluate(self, trainer: L.Trainer, datamodule) -> dict[str, float]:
