@@ -55,3 +55,23 @@ def test_annotations_are_consistent(synthetic):
         assert m["qa"][0]["question"] == "how many shapes are there?"
         assert isinstance(m["pair"]["label"], bool) and m["pair"]["partner"].startswith("train-")
     assert n == 256
+
+
+def test_wide_scenes_span_web_aspect_ratios_and_sizes_and_the_default_is_unchanged():
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from vlm.data.synthetic import layout
+
+    sizes = [layout(0, "train", i, "wide")[:2] for i in range(400)]
+    ratios = [max(w, h) / min(w, h) for w, h in sizes]
+    assert min(max(w, h) for w, h in sizes) >= 96 and max(max(w, h) for w, h in sizes) <= 512
+    assert max(ratios) > 2.7 and min(ratios) < 1.1 and min(min(w, h) for w, h in sizes) >= 64
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
+    default = [layout(0, "train", i)[:2] for i in range(400)]
+    assert max(max(w, h) / min(w, h) for w, h in default) <= 1.76  # the default data is as it was
+    data = SyntheticData("x")
+    params = {k: v for k, v in asdict(data).items() if k not in ("root", "workers", "aspect")}
+    assert data.fingerprint() == hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    assert SyntheticData("x", aspect="wide").fingerprint() != data.fingerprint()

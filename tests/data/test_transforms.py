@@ -54,3 +54,15 @@ def test_geometric_augmentation_moves_boxes_with_the_pixels():
         assert (b[:2] <= tight[:2] + 1.5).all() and (b[2:] >= tight[2:] - 1.5).all(), (seed, b, tight)
         moved += not torch.allclose(b, torch.tensor([24.0, 24.0, 54.0, 56.0]), atol=2)
     assert moved > 5  # some draws did move the object
+
+
+@pytest.mark.parametrize("h, w", [(100, 300), (300, 100), (512, 512), (96, 96), (64, 192), (480, 500)])
+def test_native_resolution_keeps_the_aspect_ratio_within_the_token_budget(h, w):
+    from vlm.data.transforms import budget_shape
+
+    nh, nw = budget_shape(h, w, 144, 32)
+    assert nh % 32 == 0 and nw % 32 == 0 and (nh // 32) * (nw // 32) <= 144
+    assert nh <= max(32, h) and nw <= max(32, w)  # never enlarged past a cell
+    assert abs(nw / nh - w / h) / (w / h) < 0.35 or min(nh, nw) == 32  # its own shape, within the cells' rounding
+    if h * w >= 144 * 32 * 32:  # a large image uses most of the budget
+        assert (nh // 32) * (nw // 32) >= 100

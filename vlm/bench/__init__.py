@@ -6,7 +6,7 @@ bf16 columns are left out on a CPU without native bf16, where they would take ~1
 report, each with ``WHAT`` (a line for ``--help``) and ``run(args) -> dict``.
 """
 
-from vlm.bench import data, embedders, model, retrieval, step, threads, wpa
+from vlm.bench import data, embedders, model, packing, retrieval, step, threads, wpa
 
 REPORTS = {"step": step, "model": model, "embedders": embedders, "data": data, "wpa": wpa, "threads": threads,
-           "retrieval": retrieval}
+           "packing": packing, "retrieval": retrieval}

@@ -73,6 +73,7 @@ class ImageTextDataModule(L.LightningDataModule):
         image_size: Annotated[int, Ge(1)] = 384,
         max_size: Annotated[int, Ge(1)] | None = None,
         size_divisor: Annotated[int, Ge(1)] = 32,
+        token_budget: Annotated[int, Ge(1)] | None = None,
         augment: Literal["none", "randaugment"] = "none",
         shuffle: bool = True,
         seed: int = 0,
@@ -102,6 +103,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.device_batch_size = micro_batch_size or batch_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.image_size, self.max_size, self.size_divisor, self.augment = image_size, max_size, size_divisor, augment
+        self.token_budget = token_budget
         self.collate = collate or Collator
         self.checks = {"max_caption_chars": max_caption_chars, "min_image_side": min_image_side, "max_aspect": max_aspect,
                        "max_bad_run": max_bad_run}
@@ -231,7 +233,8 @@ class ImageTextDataModule(L.LightningDataModule):
         if "answers" in wants:
             given["answers"] = self.answer_vocab
         collate = self.collate(**given)
-        transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none")
+        transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none",
+                                    self.token_budget)
         weights = [p.weight for p in self.parts.values()] if train else None
         return ShardStream(parts, transform, collate, self.device_batch_size, seed=self.seed,
                            shuffle=self.shuffle and train, endless=train, weights=weights, **self.checks,

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -212,11 +213,25 @@ def balanced_statement(seed: int, split: str, index: int, partner: int) -> tuple
     return statement, truth, right
 
 
-def layout(seed: int, split: str, index: int) -> tuple[int, int, list[Obj]]:
-    """Canvas size and objects of one scene, a pure function of its arguments (no pixels drawn)."""
+ASPECTS = ("default", "wide")
+
+
+def layout(seed: int, split: str, index: int, aspect: str = "default") -> tuple[int, int, list[Obj]]:
+    """Canvas size and objects of one scene, a pure function of its arguments (no pixels drawn).
+
+    ``aspect``: ``default`` draws the shorter side in 112-176 px and the longer up to 1.75x it; ``wide`` draws what
+    web images span, the longer side in 96-512 px and the aspect ratio log-uniform in 1:3-3:1 (the shorter side
+    kept >= 64 px, so that every shape stays readable), to measure what padding costs and packing saves."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
     rng = np.random.default_rng([seed, SPLITS[split], index, 0])
-    short = int(rng.integers(112, 177))
-    long = int(round(short * rng.uniform(1.0, 1.75)))
+    if aspect == "wide":
+        long = int(rng.integers(96, 513))
+        short = max(64, int(round(long / math.exp(rng.uniform(0.0, math.log(3.0))))))
+        long = max(long, short)
+    else:
+        short = int(rng.integers(112, 177))
+        long = int(round(short * rng.uniform(1.0, 1.75)))
     w, h = (long, short) if rng.random() < 0.6 else (short, long)
     combos = _combos(split)
     objs: list[Obj] = []
@@ -262,9 +277,9 @@ def jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def scene_jpeg(seed: int, split: str, index: int) -> bytes:
+def scene_jpeg(seed: int, split: str, index: int, aspect: str = "default") -> bytes:
     """The bytes of scene ``index``'s ``KEY.jpg``, drawn again rather than read (a pure function of its arguments)."""
-    return jpeg(render(seed, split, index, *layout(seed, split, index)))
+    return jpeg(render(seed, split, index, *layout(seed, split, index, aspect)))
 
 
 def partner_of(seed: int, split: str, index: int, total: int) -> int:
@@ -272,10 +287,10 @@ def partner_of(seed: int, split: str, index: int, total: int) -> int:
     return (index + 1 + int(np.random.default_rng([seed, 99, SPLITS[split], index]).integers(total - 1))) % total
 
 
-def make_sample(seed: int, split: str, index: int, partner: int) -> tuple[str, bytes, dict]:
-    w, h, objs = layout(seed, split, index)
+def make_sample(seed: int, split: str, index: int, partner: int, aspect: str = "default") -> tuple[str, bytes, dict]:
+    w, h, objs = layout(seed, split, index, aspect)
     img = render(seed, split, index, w, h, objs)
-    partner_objs = layout(seed, split, partner)[2]
+    partner_objs = layout(seed, split, partner, aspect)[2]
     rng = np.random.default_rng([seed, SPLITS[split], index, 2])
     statement, label = _pair_statement(objs, partner_objs, rng)
     key = f"{split}-{index:07d}"
@@ -300,11 +315,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: str, seed: int, split: str, start: int, stop: int, total: int) -> int:
+def write_shard(path: str, seed: int, split: str, start: int, stop: int, total: int, aspect: str = "default") -> int:
     tmp = f"{path}.tmp{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(start, stop):
-            key, jpg, meta = make_sample(seed, split, i, partner_of(seed, split, i, total))
+            key, jpg, meta = make_sample(seed, split, i, partner_of(seed, split, i, total), aspect)
             _add(tar, f"{key}.jpg", jpg)
             _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
     os.replace(tmp, path)
@@ -322,6 +337,7 @@ class SyntheticData:
     test_size: int = 1000
     shard_size: int = 500
     workers: int = 2
+    aspect: Literal["default", "wide"] = "default"  # or "wide": aspect ratios 1:3-3:1, sizes 96-512 px (`layout`)
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.train_size, "val": self.val_size, "test_compositional": self.test_size}
@@ -332,6 +348,8 @@ class SyntheticData:
 
     def fingerprint(self) -> str:
         params = {k: v for k, v in asdict(self).items() if k not in ("root", "workers")}
+        if params["aspect"] == "default":  # the data written before there was a choice keeps its fingerprint
+            del params["aspect"]
         return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
     def ensure(self) -> bool:
@@ -346,7 +364,7 @@ class SyntheticData:
         for split, total in self.sizes().items():
             for k, path in enumerate(self.shards(split)):
                 start = k * self.shard_size
-                jobs.append((path, self.seed, split, start, min(start + self.shard_size, total), total))
+                jobs.append((path, self.seed, split, start, min(start + self.shard_size, total), total, self.aspect))
         with ProcessPoolExecutor(max_workers=max(1, self.workers)) as pool:
             n = sum(pool.map(write_shard, *zip(*jobs)))
         from vlm.data.tokenizer import train_wordpiece
@@ -395,17 +413,19 @@ def random_batch(batch: int, text_len: int, height: int, width: int, vocab: int)
     )
 
 
-def scene_batch(n: int, image_size: int, max_size: int, vocab: int):
-    """``n`` validation scenes of the built-in data at the data's resolution, with their boxes (no files needed)."""
+def scene_batch(n: int, image_size: int, max_size: int, vocab: int, aspect: str = "default",
+                token_budget: int | None = None):
+    """``n`` validation scenes of the built-in data at the data's resolution (or ``token_budget``'s native one), with
+    their boxes (no files needed)."""
     import torch
 
     from vlm.data.collate import pad_images
     from vlm.data.transforms import build_transform, to_boxes
 
-    transform = build_transform(image_size, max_size)
+    transform = build_transform(image_size, max_size, token_budget=token_budget)
     images, boxes = [], []
     for i in range(n):
-        w, h, objs = layout(0, "val", i)
+        w, h, objs = layout(0, "val", i, aspect)
         image, b = transform(render(0, "val", i, w, h, objs), to_boxes([o.box for o in objs], h, w))
         images.append(image)
         boxes.append(b.as_subclass(torch.Tensor))
@@ -424,8 +444,9 @@ def main() -> None:
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--aspect", choices=ASPECTS, default="default")
     a = p.parse_args()
-    data = SyntheticData(a.out, a.seed, a.train_size, a.val_size, a.test_size, a.shard_size, a.workers)
+    data = SyntheticData(a.out, a.seed, a.train_size, a.val_size, a.test_size, a.shard_size, a.workers, a.aspect)
     if not data.ensure():
         print(f"synthetic: {a.out} is already complete")
 

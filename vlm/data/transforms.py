@@ -3,6 +3,8 @@ model and tool shares (`MEAN`, `STD`, `denormalize`)."""
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -36,6 +38,18 @@ def resized_shape(h: int, w: int, shorter: int, longer: int, divisor: int) -> tu
     return max(divisor, nh // divisor * divisor), max(divisor, nw // divisor * divisor)
 
 
+def budget_shape(h: int, w: int, tokens: int, divisor: int) -> tuple[int, int]:
+    """Native-resolution resize (NaViT): the largest size of the image's own aspect ratio, both sides multiples
+    of ``divisor``, with at most ``tokens`` cells of ``divisor`` pixels (patches); never larger than the image
+    itself, rounded up to one cell."""
+    scale = min(math.sqrt(tokens * divisor * divisor / (h * w)), 1.0)
+    while True:
+        nh, nw = max(1, int(h * scale / divisor)), max(1, int(w * scale / divisor))
+        if nh * nw <= tokens or scale <= 0:
+            return nh * divisor, nw * divisor
+        scale *= 0.98
+
+
 class MinMaxResize(v2.Transform):
     def __init__(self, shorter: int, longer: int, divisor: int = 32):
         super().__init__()
@@ -49,6 +63,18 @@ class MinMaxResize(v2.Transform):
         return self._call_kernel(
             F.resize, inpt, size=list(params["size"]), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
         )
+
+
+class BudgetResize(MinMaxResize):
+    """`budget_shape`: each image at its own aspect ratio and the largest size within a token budget."""
+
+    def __init__(self, tokens: int, divisor: int = 32):
+        v2.Transform.__init__(self)
+        self.tokens, self.divisor = tokens, divisor
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = query_size(flat_inputs)
+        return {"size": budget_shape(h, w, self.tokens, self.divisor)}
 
 
 class RandAugmentWithBoxes(v2.RandAugment):
@@ -77,11 +103,14 @@ class RandAugmentWithBoxes(v2.RandAugment):
         return tree_unflatten(flat, spec)
 
 
-def build_transform(image_size: int = 384, max_size: int | None = None, size_divisor: int = 32, augment: str = "none"):
+def build_transform(image_size: int = 384, max_size: int | None = None, size_divisor: int = 32, augment: str = "none",
+                    token_budget: int | None = None):
     """PIL image (+ BoundingBoxes) -> normalised float tensor (+ boxes in the new pixel frame).
 
     ``max_size`` defaults to ViLT's int(1333 / 800 * image_size). ``augment``: ``none`` (pretraining) or
     ``randaugment`` (fine-tuning: N=2, M=9; torchvision's op set has no inversion and no cutout, as ViLT).
+    ``token_budget``: instead of ViLT's shorter side, each image at its native aspect ratio and the largest size
+    with at most that many ``size_divisor`` cells (`budget_shape`).
     """
     max_size = max_size or int(1333 / 800 * image_size)
     steps: list = []
@@ -90,7 +119,7 @@ def build_transform(image_size: int = 384, max_size: int | None = None, size_div
     elif augment != "none":
         raise ValueError(f"augment must be 'none' or 'randaugment', got {augment!r}")
     steps += [
-        MinMaxResize(image_size, max_size, size_divisor),
+        BudgetResize(token_budget, size_divisor) if token_budget else MinMaxResize(image_size, max_size, size_divisor),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(MEAN), std=list(STD)),

@@ -37,22 +37,30 @@ class Packing:
 
 
 def assign_rows(lengths: list[int], seq_len: int, max_per_seq: int) -> list[list[int]]:
-    """Examples (by token count) -> rows: as few rows as the tokens need, each example, longest first, into the
-    emptiest row with room (a new row when none has). Rows come out balanced, so cut to the fullest one they
-    carry little padding. Every length must be <= ``seq_len``."""
-    rows = max(1, -(-sum(lengths) // seq_len))
-    fills, members = [0] * rows, [[] for _ in range(rows)]
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        room = [r for r in range(len(fills)) if fills[r] + lengths[i] <= seq_len and len(members[r]) < max_per_seq]
-        if room:
-            r = min(room, key=lambda r: (fills[r], r))
+    """Examples (by token count) -> rows of at most ``seq_len`` tokens and ``max_per_seq`` examples, to be cut to the
+    fullest row: for a few row counts from the fewest the tokens need, each example, longest first, into the
+    emptiest row with room (LPT scheduling); the count whose rows waste the fewest slots (rows x the fullest
+    row's tokens) wins. Balanced rows carry little padding once cut. Every length must be <= ``seq_len``."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    fewest = max(1, -(-sum(lengths) // seq_len), -(-len(lengths) // max_per_seq))
+    best, best_cost, tried = None, None, 0
+    for rows in range(fewest, len(lengths) + 1):
+        fills, members = [0] * rows, [[] for _ in range(rows)]
+        for i in order:
+            r = min(range(rows), key=lambda r: (len(members[r]) >= max_per_seq or fills[r] + lengths[i] > seq_len,
+                                                fills[r], r))
+            if len(members[r]) >= max_per_seq or fills[r] + lengths[i] > seq_len:
+                break  # no row has room: try more rows
+            fills[r] += lengths[i]
+            members[r].append(i)
         else:
-            fills.append(0)
-            members.append([])
-            r = len(fills) - 1
-        fills[r] += lengths[i]
-        members[r].append(i)
-    return [sorted(m) for m in members if m]
+            cost = rows * max(fills)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = members, cost
+            tried += 1
+            if tried == 3:
+                break
+    return [sorted(m) for m in best if m]
 
 
 @dataclass

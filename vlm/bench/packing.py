@@ -1,0 +1,106 @@
+"""Padded batches against packed rows (NaViT) on the built-in scenes of web images' spread of aspect ratios."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from vlm.bench.common import alternate, optimizer_for, train_step
+from vlm.models.packing import Packing
+
+WHAT = "padded batches against packed rows (NaViT) on wide-aspect scenes: padding, samples/s, dense mask vs FlexAttention"
+
+
+def wide_batch(n: int, token_budget: int, vocab: int):
+    """``n`` scenes of ``aspect=wide`` at native resolution (each at its own aspect ratio, the largest size with at
+    most ``token_budget`` 32-pixel patches), each with a text as long as its caption's words (+ CLS, SEP): the
+    spread of image and text lengths a real batch has, which is what padding is made of."""
+    import numpy as np
+
+    from vlm.data.synthetic import SPLITS, _caption, layout, scene_batch
+    from vlm.models.objectives import IGNORE
+
+    batch = scene_batch(n, 0, 0, vocab, aspect="wide", token_budget=token_budget)
+    lengths = [min(40, 2 + len(_caption(layout(0, "val", i, "wide")[2],
+                                        np.random.default_rng([0, SPLITS["val"], i, 2])).split())) for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    width = max(lengths)
+    ids = torch.randint(5, vocab, (n, width), generator=g)
+    mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    labels = torch.full_like(ids, IGNORE)
+    pick = mask & (torch.rand(n, width, generator=g) < 0.15)
+    pick[:, 1] = True
+    labels[pick] = ids[pick]
+    batch.input_ids, batch.mlm_ids = ids * mask, ids * mask
+    batch.attention_mask, batch.mlm_labels = mask.long(), labels
+    batch.keys = [str(i) for i in range(n)]
+    batch.itm_index = torch.arange(n).roll(1)
+    batch.itm_labels = torch.zeros(n, dtype=torch.long)
+    return batch
+
+
+def run(args) -> dict:
+    from vlm.cli import compose_model
+    from vlm.tasks.base import build_model
+    from vlm.tasks.pretrain import PretrainLitModule
+
+    repeats = args.repeats or 3
+    vocab = 209
+    cases = [("vilt_tiny", 64), ("vilt_base", 32)]
+    out: dict = {"precision": "fp32", "seq_len": args.seq_len, "image_size": 160, "max_size": 256, "cases": {}}
+    table = Table(title=f"padded vs packed, fp32, wide-aspect scenes at 160/256, seq_len {args.seq_len} "
+                        f"(medians of {repeats}, alternated; {torch.get_num_threads()} threads)")
+    for col in ("model", "batch", "padding padded", "padding packed", "samples/s padded", "samples/s packed",
+                "packed / padded", "fwd ms dense mask", "fwd ms flex", "flex / dense"):
+        table.add_column(col, justify="right")
+    for preset, n in cases:
+        model, _ = build_model(compose_model(preset, "model.dropout=0.0"), vocab)
+        task = PretrainLitModule(model).train()
+        batch = wide_batch(n, 160, 256, vocab)
+        opt = optimizer_for(task)
+        packings = {"padded": Packing(), "packed": Packing(enabled=True, seq_len=args.seq_len, max_per_seq=64)}
+        padding = {}
+
+        def step(kind):
+            def go():
+                model.packing = packings[kind]
+                model.stats.update(real=0, slots=0, truncated=0)
+                train_step(task, batch, "fp32", opt)
+                padding[kind] = 1 - model.stats["real"] / model.stats["slots"]
+            return go
+
+        times = alternate({"padded": step("padded"), "packed": step("packed")}, repeats)
+        sps = {k: n / statistics.median(v) for k, v in times.items()}
+        # the transformer's forward alone over packed rows: a dense boolean mask against FlexAttention's block mask
+        # (FlexAttention has no backward on CPUs, so training steps above take the dense mask)
+        text = model.text_embeddings(batch.input_ids) + model.token_type_embeddings.weight[0]
+        with torch.no_grad():
+            visual = model.embedder(batch.images, batch.pixel_mask)
+            image, image_mask = model.embed_image(visual)
+            x = torch.cat([text, image], 1)
+            mask = torch.cat([batch.attention_mask.bool(), image_mask], 1)
+
+            def forward(attention):
+                def go():
+                    model.packing = Packing(enabled=True, seq_len=args.seq_len, max_per_seq=64, attention=attention)
+                    model.packed_blocks(x, mask)
+                return go
+
+            fwd = alternate({"dense": forward("dense"), "flex": forward("flex")}, repeats)
+        fwd_ms = {k: statistics.median(v) * 1e3 for k, v in fwd.items()}
+        model.packing = Packing()
+        out["cases"][preset] = {"batch": n, "padding_fraction_padded": padding["padded"],
+                                "padding_fraction_packed": padding["packed"], "samples_per_s_padded": sps["padded"],
+                                "samples_per_s_packed": sps["packed"], "packed_over_padded": sps["packed"] / sps["padded"],
+                                "forward_ms_dense_mask": fwd_ms["dense"], "forward_ms_flex": fwd_ms["flex"]}
+        table.add_row(preset, str(n), f"{padding['padded']:.1%}", f"{padding['packed']:.1%}", f"{sps['padded']:.1f}",
+                      f"{sps['packed']:.1f}", f"{sps['packed'] / sps['padded']:.2f}x", f"{fwd_ms['dense']:.0f}",
+                      f"{fwd_ms['flex']:.0f}", f"{fwd_ms['flex'] / fwd_ms['dense']:.2f}x")
+    Console().print(table)
+    base = out["cases"]["vilt_base"]  # the headline keys: the ViLT-B/32 size
+    out.update({k: base[k] for k in ("padding_fraction_padded", "padding_fraction_packed", "samples_per_s_padded",
+                                     "samples_per_s_packed")})
+    return out
