@@ -132,8 +132,13 @@ TINY = ["debug=fdr", "logger=none", "trainer=cpu", "model=vilt_tiny", *SMALL_DAT
     "embedder",
     [["model/embedder=grid"], ["model/embedder=grid", "model.embedder.pool=true", "model.embedder.position=sine"],
      ["model/embedder=region", "model.embedder.box_source=data"],
-     ["model/embedder=region", "model.embedder.box_source=detector"]],
-    ids=["grid", "grid_pool_sine", "region_data", "region_detector"],
+     ["model/embedder=region", "model.embedder.box_source=detector"],
+     ["model/embedder=grid", "model.packing.enabled=true", "model.packing.seq_len=128"],
+     ["model/embedder=region", "model.embedder.box_source=data", "model.packing.enabled=true",
+      "model.packing.seq_len=128", "model.packing.token_drop=0.25"],
+     ["model.embedder.positions=factorised", "model.packing.enabled=true", "model.packing.seq_len=128"]],
+    ids=["grid", "grid_pool_sine", "region_data", "region_detector", "grid_packed", "region_packed",
+         "patch_factorised_packed"],
 )
 def test_every_embedder_runs_end_to_end(embedder, data_dir, tmp_path, capsys):
     """`python -m vlm.train trainer=cpu model=vilt_tiny model/embedder=E debug=fdr`, at a small resolution."""

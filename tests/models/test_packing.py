@@ -8,9 +8,9 @@ from vlm.models.packing import Packing, PackedLayout, assign_rows, drop_tokens, 
 from vlm.models.vilt import ViLT
 
 
-def model(**packing) -> ViLT:
+def model(positions="vit", **packing) -> ViLT:
     torch.manual_seed(0)
-    emb = PatchEmbedder(hidden_size=32, patch_size=8, image_size=64, max_tokens=-1)
+    emb = PatchEmbedder(hidden_size=32, patch_size=8, image_size=64, max_tokens=-1, positions=positions)
     vilt = ViLT(emb, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, max_text_len=12, dropout=0.0,
                 packing=Packing(**packing) if packing else None)
     return vilt.eval().double()
@@ -51,16 +51,17 @@ def test_rows_hold_every_example_once_within_their_limits():
     assert all(sum(lengths[i] for i in r) <= 64 and len(r) <= 3 for r in rows)
 
 
-def test_an_example_packed_with_others_equals_the_example_alone():
+@pytest.mark.parametrize("positions", ["vit", "factorised"])
+def test_an_example_packed_with_others_equals_the_example_alone(positions):
     ids, attn, images, pixel_mask = batch()
-    packed = model(enabled=True, seq_len=64, max_per_seq=8)
+    packed = model(positions, enabled=True, seq_len=64, max_per_seq=8)
     out = packed(ids, attn, images, pixel_mask)
     assert packed.stats["slots"] < len(ids) * out.last_hidden_state.shape[1]  # fewer slots than the padded layout
     for i in range(len(ids)):
         t, h, w = int(attn[i].sum()), int(pixel_mask[i].any(1).sum()), int(pixel_mask[i].any(0).sum())
         alone = packed(ids[i : i + 1, :t], attn[i : i + 1, :t], images[i : i + 1, :, :h, :w], pixel_mask[i : i + 1, :h, :w])
         close(real(out, i), real(alone, 0))
-    padded = model()(ids, attn, images, pixel_mask)  # the same weights, unpacked
+    padded = model(positions)(ids, attn, images, pixel_mask)  # the same weights, unpacked
     for i in range(len(ids)):
         close(real(out, i), real(padded, i))
     logits = torch.nn.Linear(32, 2).double()

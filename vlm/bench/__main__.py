@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--detector-weights", help="embedders: the region detector's weights (an experiment=detection checkpoint)")
     p.add_argument("--data-samples", type=int, default=512, help="scenes per format in the data benchmark")
     p.add_argument("--compile", action="store_true",
-                   help="model: also time ours with model.compile=true (torch.compile per block; compiling takes minutes)")
-    p.add_argument("--seq-len", type=int, default=256, help="packing: tokens per packed row")
+                   help="model: also time ours with model.compile=true (torch.compile per block; compiling takes minutes); "
+                        "packing: also FlexAttention compiled")
+    p.add_argument("--seq-len", type=int, default=512, help="packing: tokens per packed row")
     p.add_argument("--ckpt", help="retrieval: a task=retrieval checkpoint to rank with")
     p.add_argument("--pairs", type=int, default=1000, help="retrieval: images (with their captions) ranked")
     p.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 128],

@@ -31,7 +31,7 @@ def _flex_attention(mask: BlockMask):
     if not getattr(mask, "compiled", False):
         return flex_attention
     if not _COMPILED_FLEX:
-        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=True))
+        _COMPILED_FLEX.append(torch.compile(flex_attention))
     return _COMPILED_FLEX[0]
 
 
