@@ -67,6 +67,28 @@ def run_cfg(data_dir, folder, *extra):
                            "task.scheduler.steps=6", *extra], output_dir=str(folder))
 
 
+def train_signalled(cfg, signum, at_step: int) -> None:
+    """`vlm.train.train(cfg)` on a run whose training step sends this process ``signum`` at step ``at_step``."""
+    import os
+
+    import vlm.train as vt
+
+    dm, task, trainer = build(cfg)
+    step = task.training_step
+
+    def training_step(batch, batch_idx):
+        if task.global_step == at_step:
+            os.kill(os.getpid(), signum)
+        return step(batch, batch_idx)
+
+    task.training_step = training_step
+    real_build, vt.build = vt.build, lambda c: (dm, task, trainer)
+    try:
+        vt.train(cfg)
+    finally:
+        vt.build = real_build
+
+
 def test_the_same_run_folder_resumes_and_another_starts_fresh(data_dir, tmp_path, capsys):
     """Started again on the same folder (a requeued job), a run resumes from the folder's last checkpoint
     without ckpt_path, and says so; on a new folder it starts anew."""
@@ -87,30 +109,13 @@ def test_sigterm_saves_a_whole_checkpoint_exits_0_and_the_folder_resumes(data_di
     """SIGTERM mid-run (Lightning stops at the step's end): last.ckpt holds that step, the process exits with
     status 0, results.json says preempted, and the same command resumes from it."""
     import json
-    import os
     import signal
 
     from vlm.train import train
 
     cfg = run_cfg(data_dir, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=100")
-    dm, task, trainer = build(cfg)
-    step = task.training_step
-
-    def training_step(batch, batch_idx):
-        if task.global_step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(batch, batch_idx)
-
-    import vlm.train as vt
-
-    real_build = vt.build
-    vt.build = lambda c: (dm, task, trainer)
-    task.training_step = training_step
-    try:
-        with pytest.raises(SystemExit) as stop:
-            train(cfg)
-    finally:
-        vt.build = real_build
+    with pytest.raises(SystemExit) as stop:
+        train_signalled(cfg, signal.SIGTERM, at_step=3)
     assert stop.value.code in (None, 0)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 and not list((tmp_path / "checkpoints").glob(".*.tmp"))
@@ -251,10 +256,7 @@ def test_a_launchers_requeue_signal_saves_last_ckpt_then_hands_over(data_dir, tm
     """Under submitit, SIGUSR2 (its timeout / preemption signal) has submitit's handler, which requeues the job and
     exits: CheckpointOnSignal writes last.ckpt at the step's end first, then runs that handler."""
     import json
-    import os
     import signal
-
-    import vlm.train as vt
 
     calls = []
 
@@ -264,21 +266,10 @@ def test_a_launchers_requeue_signal_saves_last_ckpt_then_hands_over(data_dir, tm
 
     previous = signal.signal(signal.SIGUSR2, launcher)
     cfg = run_cfg(data_dir, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=100")
-    dm, task, trainer = build(cfg)
-    step = task.training_step
-
-    def training_step(batch, batch_idx):
-        if task.global_step == 2:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return step(batch, batch_idx)
-
-    task.training_step = training_step
-    real_build, vt.build = vt.build, lambda c: (dm, task, trainer)
     try:
         with pytest.raises(SystemExit) as stop:
-            vt.train(cfg)
+            train_signalled(cfg, signal.SIGUSR2, at_step=2)
     finally:
-        vt.build = real_build
         assert signal.getsignal(signal.SIGUSR2) is launcher  # given back
         signal.signal(signal.SIGUSR2, previous)
     assert stop.value.code == 3 and calls == [(signal.SIGUSR2, True)]
