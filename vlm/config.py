@@ -56,8 +56,12 @@ def _check_node(cfg: DictConfig, target: str, path: str, handled: frozenset[str]
         obj = get_object(target)
     except Exception as e:
         raise ConfigError(f"{path}._target_: cannot import {target!r} ({type(e).__name__})") from None
-    # a subclass whose __init__ passes **kwargs on: its bases' signatures too, down to one that takes no **kwargs
-    fns = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+    # a class of ours whose __init__ passes **kwargs on to its base (vlm.callbacks.ModelCheckpoint): the bases'
+    # signatures too, down to one that takes no **kwargs; another library's **kwargs may go anywhere (DDPStrategy's
+    # to torch's DDP), so its keys stay unchecked
+    ours = inspect.isclass(obj) and obj.__module__.split(".")[0] == "vlm"
+    fns = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if ours else [getattr(obj, "__init__", obj)
+                                                                                   if inspect.isclass(obj) else obj]
     params: dict = {}
     hints: dict = {}
     for fn in fns:
