@@ -60,8 +60,8 @@ def _check_node(cfg: DictConfig, target: str, path: str, handled: frozenset[str]
     # signatures too, down to one that takes no **kwargs; another library's **kwargs may go anywhere (DDPStrategy's
     # to torch's DDP), so its keys stay unchecked
     ours = inspect.isclass(obj) and obj.__module__.split(".")[0] == "vlm"
-    fns = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if ours else [getattr(obj, "__init__", obj)
-                                                                                   if inspect.isclass(obj) else obj]
+    fns = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if ours else [obj.__init__ if inspect.isclass(obj)
+                                                                                   else obj]
     params: dict = {}
     hints: dict = {}
     for fn in fns:

@@ -71,7 +71,7 @@ def run(args) -> dict:
                 model.packing = packings[kind]
                 model.stats.update(real=0, slots=0, truncated=0)
                 train_step(task, batch, "fp32", opt)
-                padding[kind] = 1 - model.stats["real"] / model.stats["slots"]
+                padding[kind] = 1 - float(model.stats["real"]) / model.stats["slots"]
             return go
 
         times = alternate({"padded": step("padded"), "packed": step("packed")}, repeats)

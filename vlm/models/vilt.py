@@ -237,7 +237,7 @@ class ViLT(nn.Module):
             attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
             for block in self.blocks:
                 x = block(x, attn_mask=attn_mask)
-        self.stats["real"] += int(mask.sum())
+        self.stats["real"] += mask.sum()  # a tensor: no host sync per forward; read when the step is logged
         x = self.norm(x)
         return ViltOutput(
             last_hidden_state=x,

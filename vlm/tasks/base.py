@@ -81,7 +81,7 @@ class VLTaskModule(L.LightningModule):
         (packed or padded alike); ``data/truncated``: visual tokens dropped to fit packed rows."""
         stats = getattr(self.network, "stats", None)
         if stats and stats["slots"]:
-            self.log("data/padding_fraction", 1 - stats["real"] / stats["slots"], batch_size=len(batch))
+            self.log("data/padding_fraction", 1 - float(stats["real"]) / stats["slots"], batch_size=len(batch))
             if getattr(self.network, "packing", None) is not None and self.network.packing.enabled:
                 self.log("data/truncated", float(stats["truncated"]), batch_size=len(batch), reduce_fx="sum")
 
