@@ -88,7 +88,7 @@ def test_an_unknown_option_lists_every_available_one():
     res = run_train("model/embedder=nonexistent")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "available options in 'model/embedder': grid, patch, region" in lines[0], res.stderr
+    assert len(lines) == 1 and "available options in 'model/embedder': frames, grid, patch, region, single_frame, tubelet" in lines[0], res.stderr
 
 
 def test_the_first_error_is_reported_when_a_clean_up_raises_over_it(capsys):

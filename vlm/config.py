@@ -225,9 +225,12 @@ def _tokenizer_exists(name: str, generate: Any) -> bool:
     path = Path(name).expanduser()
     if path.is_dir():
         return True
-    root = generate.get("root") if isinstance(generate, DictConfig) else None
-    if root is not None and path.resolve().is_relative_to(Path(root).expanduser().resolve()):
-        return True  # the built-in data writes its tokenizer when it is first generated
+    nodes = [generate] if isinstance(generate, DictConfig) and "_target_" in generate else (
+        list(generate.values()) if isinstance(generate, DictConfig) else [])
+    for node in nodes:  # the built-in data writes its tokenizer when it is first generated
+        root = node.get("root") if isinstance(node, DictConfig) else None
+        if root is not None and path.resolve().is_relative_to(Path(root).expanduser().resolve()):
+            return True
     try:
         from huggingface_hub import try_to_load_from_cache
 

@@ -29,14 +29,16 @@ class Batch:
     """
 
     keys: list[str]
-    images: Tensor  # [B, 3, H, W]
-    pixel_mask: Tensor  # [B, H, W] bool, True = real pixel
+    images: Tensor  # [B, 3, H, W], or clips [B, T, 3, H, W] (`pad_images`)
+    pixel_mask: Tensor  # [B, H, W] bool, True = real pixel; clips: [B, T, H, W], padding frames all False
     input_ids: Tensor | None = None  # [B, L]
     attention_mask: Tensor | None = None  # [B, L]
     mlm_ids: Tensor | None = None  # input_ids with whole words masked
     mlm_labels: Tensor | None = None  # original ids at masked positions, IGNORE elsewhere
     itm_index: Tensor | None = None  # [B]
     itm_labels: Tensor | None = None  # [B]
+    itm_ids: Tensor | None = None  # the ITM pass's texts where some are foils (`PretrainCollator`); else input_ids
+    itm_attention_mask: Tensor | None = None
     boxes: list[Tensor] | None = None  # per image [K, 4] pixel xyxy in the transformed frame
     box_labels: list[Tensor] | None = None
     box_features: list[Tensor] | None = None  # per image [K, F] features of ``boxes``, from a region file
@@ -78,14 +80,28 @@ def rows_of(batch: Batch, k: int) -> Batch:
 
 
 def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Pad bottom/right to the largest height and width in the batch; the mask marks real pixels."""
-    h = max(im.shape[1] for im in images)
-    w = max(im.shape[2] for im in images)
-    out = images[0].new_zeros(len(images), images[0].shape[0], h, w)
-    mask = torch.zeros(len(images), h, w, dtype=torch.bool)
-    for i, im in enumerate(images):
-        out[i, :, : im.shape[1], : im.shape[2]] = im
-        mask[i, : im.shape[1], : im.shape[2]] = True
+    """Pad bottom/right to the largest height and width in the batch; the mask marks real pixels.
+
+    Images [3, H, W] give [B, 3, H, W] and a mask [B, H, W]. Where any sample is a clip [T, 3, H, W] the batch is
+    of clips, [B, T, 3, H, W] with a mask [B, T, H, W]: an image is a clip of one frame, and a clip shorter than
+    the longest is padded with frames whose mask is all False.
+    """
+    h = max(im.shape[-2] for im in images)
+    w = max(im.shape[-1] for im in images)
+    if all(im.dim() == 3 for im in images):
+        out = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+        mask = torch.zeros(len(images), h, w, dtype=torch.bool)
+        for i, im in enumerate(images):
+            out[i, :, : im.shape[1], : im.shape[2]] = im
+            mask[i, : im.shape[1], : im.shape[2]] = True
+        return out, mask
+    clips = [im if im.dim() == 4 else im[None] for im in images]
+    t = max(c.shape[0] for c in clips)
+    out = clips[0].new_zeros(len(clips), t, clips[0].shape[1], h, w)
+    mask = torch.zeros(len(clips), t, h, w, dtype=torch.bool)
+    for i, c in enumerate(clips):
+        out[i, : c.shape[0], :, : c.shape[2], : c.shape[3]] = c
+        mask[i, : c.shape[0], : c.shape[2], : c.shape[3]] = True
     return out, mask
 
 
@@ -188,13 +204,20 @@ class Collator(ImageCollator):
 
 class PretrainCollator(Collator):
     """`Collator`'s batch, whole words masked for MLM (``mlm_prob`` of the tokens) and ``itm_neg_fraction`` of the
-    texts shown another sample's image for ITM (Kim et al. 2021, ViLT, §3.2)."""
+    texts shown another sample's image for ITM (Kim et al. 2021, ViLT, §3.2).
+
+    ``itm_foil_fraction``: this share of the ITM negatives is instead the sample's own image with its *foil*, a
+    caption that differs from the true one in what the image does not show (``extra["foil"]``: the built-in
+    clips' caption of the same frames played backwards; FOIL, Shekhar et al. 2017), where the sample has one.
+    Random negatives are told apart by what is in the picture; foils only by what the caption gets wrong.
+    """
 
     def __init__(self, tokenizer, max_text_len: Annotated[int, Ge(2)] = 40,
                  mlm_prob: Annotated[float, Interval(ge=0, le=1)] = 0.15,
-                 itm_neg_fraction: Annotated[float, Interval(ge=0, le=1)] = 0.5):
+                 itm_neg_fraction: Annotated[float, Interval(ge=0, le=1)] = 0.5,
+                 itm_foil_fraction: Annotated[float, Interval(ge=0, le=1)] = 0.0):
         super().__init__(tokenizer, max_text_len)
-        self.mlm_prob, self.itm_neg_fraction = mlm_prob, itm_neg_fraction
+        self.mlm_prob, self.itm_neg_fraction, self.itm_foil_fraction = mlm_prob, itm_neg_fraction, itm_foil_fraction
         self.special_ids = set(tokenizer.all_special_ids)
         self.vocab_size = len(tokenizer)
 
@@ -207,7 +230,23 @@ class PretrainCollator(Collator):
             )
         if self.itm_neg_fraction > 0:
             batch.itm_index, batch.itm_labels = itm_negatives(len(samples), rng, self.itm_neg_fraction)
+            if self.itm_foil_fraction > 0:
+                self.foil(batch, samples, rng)
         return batch
+
+    def foil(self, batch: Batch, samples: list[Sample], rng: np.random.Generator) -> None:
+        """Turn ``itm_foil_fraction`` of the batch's ITM negatives into (own image, foil caption) pairs."""
+        texts = [s.text for s in samples]
+        negatives = np.flatnonzero(batch.itm_labels.numpy() == 0)
+        draws = rng.random(len(negatives))
+        for i, u in zip(negatives, draws):
+            foil = samples[i].extra.get("foil")
+            if u < self.itm_foil_fraction and isinstance(foil, str) and foil.strip():
+                texts[i] = foil
+                batch.itm_index[i] = i
+        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                  return_tensors="pt")
+        batch.itm_ids, batch.itm_attention_mask = encoding["input_ids"], encoding["attention_mask"]
 
 
 class VQACollator(Collator):

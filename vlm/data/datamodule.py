@@ -21,8 +21,10 @@ from vlm.data.regions import RegionFile
 from vlm.data.sources import Shard, Source, WebDataset, expand_files, read_shard
 from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
 from vlm.data.synthetic import SyntheticData
+from vlm.data.synthetic_video import SyntheticVideo
 from vlm.data.tokenizer import load_tokenizer, train_wordpiece
 from vlm.data.transforms import build_transform
+from vlm.data.video import ClipSampler
 from vlm.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -53,9 +55,12 @@ class ImageTextDataModule(L.LightningDataModule):
     with captions longer than ``max_caption_chars``, images with a side under ``min_image_side`` or an
     aspect ratio above ``max_aspect`` are skipped and counted.
     ``region_features``: a region feature file (`vlm.data.regions`) whose boxes and features replace each
-    sample's boxes (for ``box_source=precomputed``); samples it lacks are skipped and counted. ``collate``: a
+    sample's boxes (for ``box_source=precomputed``); samples it lacks are skipped and counted. ``generate`` may
+    name several generators (a mixture of the built-in scenes and clips), whose ``tokenizer`` is trained on their
+    captions on first use. ``collate``: a
     partial that makes the batch maker, given the tokenizer where it takes one (the task's, ``task.collate``;
-    None: images and tokenised text, `Collator`). Errors name the argument at fault (``train_files: ...``).
+    None: images and tokenised text, `Collator`). ``video``: which frames make a video's clip (`ClipSampler`);
+    a source may give videos, images or both (a mixture). Errors name the argument at fault (``train_files: ...``).
     """
 
     def __init__(
@@ -81,9 +86,10 @@ class ImageTextDataModule(L.LightningDataModule):
         min_image_side: Annotated[int, Ge(1)] = 8,
         max_aspect: Annotated[float, Ge(1)] = 10.0,
         max_bad_run: Annotated[int, Ge(1)] | None = None,
-        generate: SyntheticData | None = None,
+        generate: SyntheticData | SyntheticVideo | dict[str, SyntheticData | SyntheticVideo] | None = None,
         region_features: str | None = None,
         answer_min_count: Annotated[int, Ge(1)] = 9,
+        video: ClipSampler | None = None,
     ):
         super().__init__()
         self.mixed = bool(mix)
@@ -110,6 +116,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.generate = generate
         self.region_features = region_features
         self.answer_min_count = answer_min_count
+        self.video = video if isinstance(video, ClipSampler) else ClipSampler(**dict(video or {}))
         self._answer_vocab = None
         self.progress = StreamProgress()
         self.skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
@@ -155,19 +162,25 @@ class ImageTextDataModule(L.LightningDataModule):
     def check_files(self) -> None:
         """List every split's shards now (they are cached), so that a missing file stops the run at its start;
         the built-in data is written first if it is not there yet."""
-        if self.generate is not None:
-            self.generate.ensure()
+        self._generate()
         for split in SPLITS:
             if self.has_split(split):
                 self.sources(split)
 
+    def _generate(self) -> None:
+        """Write the built-in data where it is missing (one generator, or several for a built-in mixture)."""
+        generators = self.generate.values() if isinstance(self.generate, dict) else [self.generate]
+        for generator in generators:
+            if generator is not None:
+                generator.ensure()
+
     def prepare_data(self) -> None:
-        if self.generate is not None:
-            self.generate.ensure()
+        self._generate()
         if not self.reads_text:  # the task's batches hold no text (detection): no tokenizer to train
             return
         path = self._tokenizer_dir()
-        if self.tokenizer_path is None and not path.exists():
+        # trained here: no tokenizer given, or one the built-in data names but has not written (a built-in mixture's)
+        if not path.exists() and (self.tokenizer_path is None or self.generate):
             texts = self._texts()
             first = next(texts, None)
             if first is None:
@@ -238,7 +251,8 @@ class ImageTextDataModule(L.LightningDataModule):
         weights = [p.weight for p in self.parts.values()] if train else None
         return ShardStream(parts, transform, collate, self.device_batch_size, seed=self.seed,
                            shuffle=self.shuffle and train, endless=train, weights=weights, **self.checks,
-                           regions=RegionFile(self.region_features) if self.region_features else None)
+                           regions=RegionFile(self.region_features) if self.region_features else None,
+                           clips=self.video)
 
     def example_batch(self, split: str = "val") -> Batch:
         """The split's first batch, read in this process from a fresh one-pass stream (for cost counts)."""

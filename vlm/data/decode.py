@@ -31,6 +31,12 @@ REASONS = (
     "missing_pair_image",  # an example of two images (NLVR2) with one
     "bad_label",  # a label the task cannot read (NLVR2: not True / False)
     "missing_answers",  # a question its annotations give no answers
+    "missing_video",  # no video field, or a video path that cannot be read
+    "empty_video",  # zero bytes
+    "corrupt_video",  # garbage, or a file cut before the decoder could start (vlm.data.video)
+    "truncated_video",  # frames end before the container said they would, or stop decoding part-way
+    "no_video_stream",  # a container with no video stream (audio only, ...)
+    "zero_frames",  # a video stream with no frame in it
     "error",  # anything else a sample raised (warned once per process with the exception)
     "unreadable_shard",  # a whole shard (tar, parquet file, metadata table) that cannot be read; counts shards
 )

@@ -5,6 +5,7 @@ read on their own â€” a tar, a parquet row group, a slice of a metadata table â€
 ``read(shard)`` yields that unit's raw examples::
 
     {"key": str, "image": bytes | None, "image_path": str (instead of bytes), "text": str | list[str] | None,
+     "video": bytes, "video_path": str (a video instead of an image, `vlm.data.video`),
      "boxes": [[x1, y1, x2, y2], ...], "box_labels": [...], "extra": {the record's other fields}, "bad": reason,
      "image2" / "image2_path": a second image (NLVR2's pair)}
 
@@ -147,7 +148,8 @@ def _decode_text(data) -> str | None:
 
 
 class WebDataset(Source):
-    """Tar shards of ``KEY.<image ext>`` + ``KEY.json`` (+ ``KEY.txt``), as img2dataset and vlm.data.synthetic write.
+    """Tar shards of ``KEY.<image ext>`` or ``KEY.<video ext>`` + ``KEY.json`` (+ ``KEY.txt``), as img2dataset,
+    video2dataset and vlm.data.synthetic write; a shard may hold both images and videos.
 
     The caption is ``KEY.<text_ext>`` when present, else the ``caption_key`` field of ``KEY.json``; boxes (pixel
     xyxy) and their labels come from ``boxes_key`` / ``labels_key`` of ``KEY.json`` when present. A sample
@@ -162,11 +164,14 @@ class WebDataset(Source):
         boxes_key: str = "boxes",
         labels_key: str = "labels",
         status_key: str = "status",
+        video_exts: Sequence[str] = ("mp4", "webm", "mkv", "avi", "mov"),
     ):
         self.caption_key, self.text_ext, self.image_exts = caption_key, text_ext, tuple(image_exts)
+        self.video_exts = tuple(video_exts)
         self.boxes_key, self.labels_key, self.status_key = boxes_key, labels_key, status_key
         features = {"__key__": Value("string"), "__url__": Value("string"), "json": Value("binary"), text_ext: Value("binary")}
         features.update({ext: Image(decode=False) for ext in self.image_exts})
+        features.update({ext: Value("binary") for ext in self.video_exts})
         self.features = Features(features)
 
     def shards(self, files, split: str) -> list[Shard]:
@@ -186,12 +191,17 @@ class WebDataset(Source):
                     yield {"key": key, "bad": "bad_json"}
                     continue
             image = next((ex[e] for e in self.image_exts if ex.get(e) is not None), None)
-            if image is None:
+            video = next((ex[e] for e in self.video_exts if ex.get(e) is not None), None)
+            if image is None and video is None:
                 status = meta.get(self.status_key)
                 yield {"key": key, "bad": "failed_download" if status not in (None, "success") else "missing_image"}
                 continue
             text = _decode_text(ex.get(self.text_ext))
-            out = {"key": key, "image": image["bytes"], "text": meta.get(self.caption_key) if text is None else text}
+            out = {"key": key, "text": meta.get(self.caption_key) if text is None else text}
+            if image is not None:
+                out["image"] = image["bytes"]
+            else:
+                out["video"] = bytes(video)
             if self.boxes_key in meta:
                 out["boxes"] = meta[self.boxes_key]
                 out["box_labels"] = meta.get(self.labels_key)

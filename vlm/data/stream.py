@@ -25,16 +25,18 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import tv_tensors
 
 from vlm.data.collate import Batch
 from vlm.data.decode import BadSample, decode_image
 from vlm.data.sample import Sample
 from vlm.data.sources import Shard, Source, read_bytes, read_shard
 from vlm.data.transforms import clean_boxes, proper
+from vlm.data.video import ClipSampler, decode_video
 from vlm.errors import ConfigError, DataError, DataWarning
 
 # first entries of the seeds of the stream's generators, so that no two of them coincide
-_SHARD_ORDER, _EXAMPLE_ORDER, _MIX, _CAPTION, _COLLATE = range(5)
+_SHARD_ORDER, _EXAMPLE_ORDER, _MIX, _CAPTION, _COLLATE, _CLIP = range(6)
 _MIX_BLOCK = 4096  # mixing choices drawn per generator
 WARN_BAD_RUN = 1000  # unusable samples in a row that earn a warning (once per stream)
 
@@ -57,7 +59,8 @@ class ShardStream(IterableDataset):
     Unusable samples are skipped and counted, however many come in a row (a dead shard, a dead host); a long
     run is warned about once. The stream stops (`DataError`, naming the files) only when it has read every
     shard of every part since its last usable sample: a whole pass that gave nothing. ``max_bad_run``: stop
-    after that many unusable samples in a row instead (None: no such limit).
+    after that many unusable samples in a row instead (None: no such limit). ``clips``: which frames of a video
+    make its clip (`ClipSampler`; random per segment in an endless stream, segment middles in a finite one).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class ShardStream(IterableDataset):
         max_aspect: float = 10.0,
         max_bad_run: int | None = None,
         regions=None,
+        clips: ClipSampler | None = None,
     ):
         super().__init__()
         self.parts = [(source, list(shards)) for source, shards in parts]
@@ -90,6 +94,7 @@ class ShardStream(IterableDataset):
         self.max_caption_chars, self.min_image_side, self.max_aspect = max_caption_chars, min_image_side, max_aspect
         self.max_bad_run = max_bad_run
         self.regions = regions  # a vlm.data.regions.RegionFile: each sample's boxes and features come from it
+        self.clips = clips or ClipSampler()
         # set in the main process before workers start (see StreamProgress.begin / StreamLoader)
         self.starts: dict[int, dict] = {}
         self.offset, self.rank, self.world = 0, 0, 1
@@ -229,9 +234,16 @@ class ShardStream(IterableDataset):
         if ex.get("bad"):
             raise BadSample(ex["bad"])
         text, captions = self._caption(ex, epoch)
+        sample, dropped = Sample(str(ex["key"]), None, text=text, captions=captions, extra=dict(ex.get("extra") or {})), 0
+        if "video" in ex or "video_path" in ex:  # a clip [T, 3, H, W]: every frame resized alike
+            data = read_bytes(ex["video_path"]) if "video_path" in ex else ex.get("video")
+            rng = np.random.default_rng([self.seed, _CLIP, epoch, zlib.crc32(sample.key.encode())])
+            frames = decode_video(data, self.clips, self.endless, rng, self.min_image_side, self.max_aspect)
+            clip = tv_tensors.Video(torch.from_numpy(frames).permute(0, 3, 1, 2))
+            sample.image = self.transform(clip).as_subclass(torch.Tensor)
+            return sample, dropped
         data = read_bytes(ex["image_path"]) if "image_path" in ex else ex.get("image")
         img = decode_image(data, self.min_image_side, self.max_aspect)
-        sample, dropped = Sample(str(ex["key"]), None, text=text, captions=captions, extra=dict(ex.get("extra") or {})), 0
         sample.image, sample.boxes, sample.box_labels, dropped = self._transformed(img, ex.get("boxes"),
                                                                                   ex.get("box_labels"))
         if "image2" in ex or "image2_path" in ex:  # a second image (NLVR2's pair), transformed on its own

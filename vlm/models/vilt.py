@@ -217,7 +217,8 @@ class ViLT(nn.Module):
         """Pass ``images``/``pixel_mask`` (and ``boxes``, ``box_features``), or ``visual`` tokens embedded beforehand."""
         if visual is None:
             if pixel_mask is None:
-                pixel_mask = images.new_ones(images.shape[0], *images.shape[2:], dtype=torch.bool)
+                shape = (*images.shape[:-3], *images.shape[-2:])  # [B, H, W], clips [B, T, H, W]
+                pixel_mask = images.new_ones(shape, dtype=torch.bool)
             visual = self.embedder(images, pixel_mask, boxes, box_features)
         text = self.text_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         image, image_mask = self.embed_image(visual, image_token_type)

@@ -119,7 +119,9 @@ class PretrainLitModule(VLTaskModule):
         visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes, batch.box_features)
         wpa = self.active("wpa") or measure_wpa
         if self.active("itm") or wpa:
-            res = self.model(batch.input_ids, batch.attention_mask, visual=visual.select(batch.itm_index))
+            ids, attn = ((batch.itm_ids, batch.itm_attention_mask) if batch.itm_ids is not None
+                         else (batch.input_ids, batch.attention_mask))  # foils replace some negatives' texts
+            res = self.model(ids, attn, visual=visual.select(batch.itm_index))
             if self.active("itm"):
                 logits = self.itm_score(res.pooler_output)
                 out["loss_itm"] = objectives.itm_loss(logits, batch.itm_labels)

@@ -12,6 +12,8 @@ from annotated_types import Ge
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlm.errors import ConfigError
+
 
 @dataclass
 class VisualTokens:
@@ -56,6 +58,7 @@ class VisualEmbedder(nn.Module, ABC):
 
     needs: frozenset[str] = frozenset()
     gives: frozenset[str] = frozenset()
+    takes_clips: bool = False  # whether it embeds clips [B, T, 3, H, W] too (`vlm.models.embedders.video`)
 
     def __init__(self, hidden_size: Annotated[int, Ge(1)], max_tokens: int = -1, freeze: bool = False,
                  lr_mult: Annotated[float, Ge(0)] = 1.0):
@@ -77,6 +80,12 @@ class VisualEmbedder(nn.Module, ABC):
 
         cls.__init__ = init_then_freeze
 
+    def __call__(self, images: Tensor, *args, **kwargs) -> VisualTokens:
+        if images.dim() == 5 and not self.takes_clips:
+            raise ConfigError(f"model.embedder: {type(self).__name__} embeds images [B, 3, H, W] and the data holds video "
+                              f"clips {list(images.shape)}: use model/embedder=tubelet, frames or single_frame")
+        return super().__call__(images, *args, **kwargs)
+
     def lacks(self, wanted: set[str] | frozenset[str]) -> list[str]:
         """Which of the token fields ``wanted`` this embedder does not give."""
         return sorted(set(wanted) - set(self.gives))
@@ -95,7 +104,7 @@ class VisualEmbedder(nn.Module, ABC):
 
     def cost(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None,
              box_features: list[Tensor] | None = None) -> dict[str, float]:
-        """Parameters and forward GFLOPs per image on this batch, counted by ``torch.utils.flop_counter``.
+        """Parameters and forward GFLOPs per image (or clip) on this batch, counted by ``torch.utils.flop_counter``.
 
         The counter sees matrix products and convolutions (2 FLOPs per multiply-add); element-wise work,
         RoIAlign and NMS are not counted, so this is the arithmetic that dominates, not wall-clock.

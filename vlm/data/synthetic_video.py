@@ -1,0 +1,228 @@
+"""The built-in clips: shapes that move, appear, disappear or change colour, captioned by what happens.
+
+Every clip is drawn as one of four events and then, with probability one half, played backwards, its caption
+saying what the reversed clip shows: "moves right" becomes "moves left", "appears" "disappears", "changes
+from red to blue" "from blue to red", "moves towards" "moves away from". So every caption has a *foil*, the
+caption of the same frames in the other order (``KEY.json``'s ``foil``), and the two are equally likely for any
+set of frames: a model that sees one frame, or the frames in no order, cannot tell a caption from its foil.
+Matching a clip against its foil (``task.collate.itm_foil_fraction``) measures whether a model uses time.
+
+Written as webdataset shards (``KEY.mp4``, H.264, + ``KEY.json``) and read by the same code as real video;
+each clip is a pure function of (seed, split, index).
+
+    python -m vlm.data.synthetic_video --out data/synthetic_video
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vlm.data.synthetic import COLORS, SHAPES, SPLITS, _a, _add, _draw_shape
+from vlm.data.video import encode_video
+
+EVENTS = ("move", "appear", "colour", "approach")
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+OPPOSITE = {"right": "left", "left": "right", "down": "up", "up": "down"}
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """The built-in scenes' muted noisy background with grey strokes: the same in every frame of a clip."""
+    bg = rng.integers(25, 100, size=3)
+    bg = (bg * 0.5 + bg.mean() * 0.5).astype(np.int16)
+    noise = rng.integers(-6, 7, size=(h, w, 1), dtype=np.int16)
+    img = Image.fromarray(np.clip(bg[None, None, :] + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):
+        g = int(rng.integers(60, 170))
+        draw.line([int(rng.integers(w)), int(rng.integers(h)), int(rng.integers(w)), int(rng.integers(h))],
+                  fill=(g, g, g), width=1)
+    return img
+
+
+def clip(seed: int, split: str, index: int, frames: int = 16, height: int = 96, width: int = 160) -> tuple[np.ndarray, dict]:
+    """Clip ``index``: its frames [T, H, W, 3] uint8 and its record (caption, foil, event, reversed, objects)."""
+    rng = np.random.default_rng([seed, 77, SPLITS[split], index])
+    size = int(rng.integers(22, 30))  # a shape spans most of one 32-pixel patch
+    shapes = rng.choice(len(SHAPES), size=2, replace=False)
+    colours = rng.choice(len(COLORS), size=3, replace=False)
+    names = list(COLORS)
+    actor, other = (SHAPES[shapes[0]], names[colours[0]]), (SHAPES[shapes[1]], names[colours[1]])
+    event = EVENTS[int(rng.integers(len(EVENTS)))]
+    t = np.linspace(0.0, 1.0, frames)
+    margin = size // 2 + 2
+    # the other shape stands still somewhere; the actor's track: centre (x, y) per frame, colour per frame, shown
+    ox, oy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
+    colour = [actor[1]] * frames
+    shown = np.ones(frames, dtype=bool)
+    if event == "move":  # drawn moving right or down; reversed, left or up
+        axis = "right" if rng.random() < 0.5 else "down"
+        extent = width if axis == "right" else height
+        travel = rng.uniform(0.35, 0.55) * extent
+        start = rng.uniform(margin, extent - margin - travel)
+        pos = start + travel * t
+        cross = rng.uniform(margin, (height if axis == "right" else width) - margin)
+        xs, ys = (pos, np.full(frames, cross)) if axis == "right" else (np.full(frames, cross), pos)
+    elif event == "approach":  # drawn moving towards the other shape; reversed, away from it
+        for _ in range(1000):  # a straight track whose both ends lie inside the frame
+            angle = rng.uniform(0, 2 * math.pi)
+            near = rng.uniform(size + 4, size + 10)
+            far = near + rng.uniform(30, 50)
+            ox, oy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
+            ends = [(ox + math.cos(angle) * r, oy + math.sin(angle) * r) for r in (far, near)]
+            if all(margin <= x <= width - margin and margin <= y <= height - margin for x, y in ends):
+                break
+        dist = far + (near - far) * t
+        xs, ys = ox + math.cos(angle) * dist, oy + math.sin(angle) * dist
+    else:  # appears (drawn so; reversed, disappears) or changes colour, at a moment around the middle
+        xs, ys = np.full(frames, rng.uniform(margin, width - margin)), np.full(frames, rng.uniform(margin, height - margin))
+        moment = int(round(rng.uniform(0.3, 0.7) * (frames - 1)))
+        if event == "appear":
+            shown[:moment] = False
+        else:
+            colour = [actor[1]] * moment + [names[colours[2]]] * (frames - moment)
+    reverse = bool(rng.random() < 0.5)
+    background = _background(rng, height, width)
+    out = []
+    for k in range(frames):  # the actor is drawn last: where the shapes cross, it is on top
+        img = background.copy()
+        draw = ImageDraw.Draw(img)
+        _draw_shape(draw, other[0], _box(ox, oy, size), COLORS[other[1]])
+        if shown[k]:
+            _draw_shape(draw, actor[0], _box(xs[k], ys[k], size), COLORS[colour[k]])
+        out.append(np.asarray(img))
+    video = np.stack(out[::-1] if reverse else out)
+    caption, foil = _captions(rng, event, reverse, actor, other, colour, locals().get("axis"))
+    record = {"caption": caption, "foil": foil, "event": event, "reversed": reverse,
+              "objects": [{"shape": actor[0], "color": actor[1]}, {"shape": other[0], "color": other[1]}]}
+    return video, record
+
+
+def _box(x: float, y: float, size: int) -> tuple[int, int, int, int]:
+    return int(x - size / 2), int(y - size / 2), int(x - size / 2) + size, int(y - size / 2) + size
+
+
+def _captions(rng, event: str, reverse: bool, actor, other, colour, axis) -> tuple[str, str]:
+    """(the caption of the clip as played, the caption of it played the other way)."""
+    a = f"{actor[1]} {actor[0]}"
+    o = f"{other[1]} {other[0]}"
+    lead = (f"the {a}", _a(a))[int(rng.integers(2))]
+    if event == "move":
+        drawn = axis
+        template = ("{lead} moves {d}.", "{lead} slides {d}.", "{lead} moves {d} past the {o}.")[int(rng.integers(3))]
+        forward, backward = (template.format(lead=lead, d=d, o=o) for d in (drawn, OPPOSITE[drawn]))
+    elif event == "appear":
+        template = ("{lead} {v}.", "{lead} {v} beside the {o}.")[int(rng.integers(2))]
+        forward, backward = (template.format(lead=lead, v=v, o=o) for v in ("appears", "disappears"))
+    elif event == "colour":
+        first, last = colour[0], colour[-1]
+        shape = actor[0]
+        template = ("the {s} changes from {x} to {y}.", "the {s} turns from {x} to {y}.")[int(rng.integers(2))]
+        forward, backward = template.format(s=shape, x=first, y=last), template.format(s=shape, x=last, y=first)
+    else:
+        template = ("{lead} moves {r} the {o}.", "{lead} slides {r} the {o}.")[int(rng.integers(2))]
+        forward, backward = (template.format(lead=lead, r=r, o=o) for r in ("towards", "away from"))
+    return (backward, forward) if reverse else (forward, backward)
+
+
+def write_shard(path: str, seed: int, split: str, start: int, stop: int, frames: int, height: int, width: int) -> int:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(start, stop):
+            video, record = clip(seed, split, i, frames, height, width)
+            key = f"{split}-{i:07d}"
+            _add(tar, f"{key}.mp4", encode_video(video))
+            _add(tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+    os.replace(tmp, path)
+    return stop - start
+
+
+@dataclass(frozen=True)
+class SyntheticVideo:
+    """Parameters of the built-in clips; ``ensure()`` writes them (and a tokenizer of their captions) once."""
+
+    root: str
+    seed: int = 0
+    train_size: int = 5000
+    val_size: int = 500
+    test_size: int = 500
+    shard_size: int = 250
+    frames: int = 16
+    height: int = 96
+    width: int = 160
+    workers: int = 2
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": self.train_size, "val": self.val_size, "test": self.test_size}
+
+    def shards(self, split: str) -> list[str]:
+        n = math.ceil(self.sizes()[split] / self.shard_size)
+        return [str(Path(self.root) / f"{split}-{k:05d}.tar") for k in range(n)]
+
+    def fingerprint(self) -> str:
+        params = {k: v for k, v in asdict(self).items() if k not in ("root", "workers")}
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+    def ensure(self) -> bool:
+        """Generate what is missing; True when anything was written."""
+        root = Path(self.root)
+        stamp = root / "DONE"
+        if stamp.exists() and stamp.read_text().strip() == self.fingerprint():
+            return False
+        root.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        jobs = []
+        for split, total in self.sizes().items():
+            for k, path in enumerate(self.shards(split)):
+                start = k * self.shard_size
+                split_name = "test_compositional" if split == "test" else split  # the scenes' split seeds
+                jobs.append((path, self.seed, split_name, start, min(start + self.shard_size, total),
+                             self.frames, self.height, self.width))
+        with ProcessPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            n = sum(pool.map(write_shard, *zip(*jobs)))
+        from vlm.data.tokenizer import train_wordpiece
+
+        train_wordpiece(texts(self.shards("train")), root / "tokenizer")
+        stamp.write_text(self.fingerprint() + "\n")
+        print(f"synthetic_video: wrote {n} clips in {len(jobs)} shards to {root} in {time.time() - t0:.1f}s")
+        return True
+
+
+def texts(shards: list[str]):
+    """Every text a model may read in the built-in clips: captions and foils."""
+    for path in shards:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    record = json.loads(tar.extractfile(member).read())
+                    yield record["caption"]
+                    yield record["foil"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m vlm.data.synthetic_video")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=5000)
+    p.add_argument("--val-size", type=int, default=500)
+    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args()
+    data = SyntheticVideo(a.out, a.seed, a.train_size, a.val_size, a.test_size, workers=a.workers)
+    if not data.ensure():
+        print(f"synthetic_video: {a.out} is already complete")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Video bytes -> the sampled frames of one clip, decoded with PyAV; `ClipSampler` says which frames.
+
+A clip becomes a [T, 3, H, W] tensor (`vlm.data.transforms` resizes every frame alike, so a clip keeps one size)
+and travels through the stream, the collate and the model as an image does: an image is a clip of one frame.
+Broken videos cost one sample, counted by reason (`vlm.data.decode.REASONS`), like broken images.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from vlm.data.decode import BadSample
+
+
+@dataclass
+class ClipSampler:
+    """Which frames of a video make its clip.
+
+    ``sampling="segments"`` (TSN, Wang et al. 2016; All-in-One, Wang et al. 2023): the video cut into ``frames``
+    equal segments, one frame from each — a random one in training, the segment's middle at evaluation — so a
+    clip spans the whole video whatever its length. ``sampling="fps"``: ``frames`` consecutive frames ``fps``
+    apart in time (a random start in training, centred at evaluation), for motion at a known speed. A video
+    shorter than the clip gives all its frames (the collate pads clips of different lengths, the model masks).
+    """
+
+    frames: int = 8
+    sampling: Literal["segments", "fps"] = "segments"
+    fps: float | None = None  # sampling="fps": the rate frames are taken at
+
+    def __post_init__(self):
+        if self.frames < 1:
+            raise ValueError(f"video.frames must be >= 1, got {self.frames}")
+        if self.sampling not in ("segments", "fps"):
+            raise ValueError(f"video.sampling must be 'segments' or 'fps', got {self.sampling!r}")
+        if self.sampling == "fps" and not (self.fps and self.fps > 0):
+            raise ValueError(f"video.sampling=fps needs a positive video.fps, got {self.fps}")
+
+    def indices(self, n: int, train: bool, rng: np.random.Generator | None = None,
+                video_fps: float | None = None) -> list[int]:
+        """The frame indices (ascending) of a clip from a video of ``n`` frames at ``video_fps``."""
+        if n < 1:
+            return []
+        if self.sampling == "segments":
+            k = min(self.frames, n)
+            edges = np.linspace(0, n, k + 1)
+            lo, hi = np.floor(edges[:-1]).astype(int), np.floor(edges[1:]).astype(int)  # >= 1 frame each: k <= n
+            if train:
+                return [int(rng.integers(a, b)) for a, b in zip(lo, hi)]
+            return [int((a + b - 1) // 2) for a, b in zip(lo, hi)]
+        step = (video_fps or self.fps) / self.fps  # source frames between two clip frames
+        span = (self.frames - 1) * step + 1
+        room = max(0.0, n - span)
+        start = float(rng.uniform(0, room)) if train and room > 0 else room / 2
+        out = sorted({int(start + j * step) for j in range(self.frames) if int(start + j * step) < n})
+        return out
+
+
+def decode_video(data: bytes | None, sampler: ClipSampler, train: bool, rng: np.random.Generator | None = None,
+                 min_side: int = 8, max_aspect: float = 10.0) -> np.ndarray:
+    """The sampled frames of a video file's first video stream, [T, H, W, 3] uint8 RGB, or a `BadSample`.
+
+    The frame count comes from the container, or from counting the stream's packets where it does not say
+    (webm); frames are decoded in order and only the sampled ones kept, so a long video never sits in memory.
+    A stream that ends before the frames its container announced is a truncated file.
+    """
+    import av
+
+    if data is None:
+        raise BadSample("missing_video")
+    if len(data) == 0:
+        raise BadSample("empty_video")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception as e:  # PyAV raises FFmpeg's errors for garbage and files cut before their header
+        raise BadSample("corrupt_video", f"{type(e).__name__}: {e}") from None
+    try:
+        if not container.streams.video:
+            raise BadSample("no_video_stream")
+        stream = container.streams.video[0]
+        n = stream.frames
+        rate = stream.average_rate or stream.guessed_rate
+        video_fps = float(rate) if rate else None
+        if n <= 0:  # the container does not say: count the packets, then decode from the start again
+            try:
+                n = sum(1 for packet in container.demux(stream) if packet.size)
+            except Exception as e:
+                raise BadSample("corrupt_video", f"{type(e).__name__}: {e}") from None
+            container.close()
+            container = av.open(io.BytesIO(data), mode="r")
+            stream = container.streams.video[0]
+        if n <= 0:
+            raise BadSample("zero_frames")
+        wanted = sampler.indices(n, train, rng, video_fps)
+        keep = set(wanted)
+        last = wanted[-1]
+        frames: dict[int, np.ndarray] = {}
+        i = -1
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if i in keep:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+        except Exception as e:
+            if i < 0:
+                raise BadSample("corrupt_video", f"{type(e).__name__}: {e}") from None
+            raise BadSample("truncated_video", f"undecodable after frame {i} of {n}") from None
+        if i < 0:
+            raise BadSample("zero_frames")
+        if len(frames) < len(wanted):
+            raise BadSample("truncated_video", f"{i + 1} of {n} frames")
+    finally:
+        container.close()
+    clip = np.stack([frames[k] for k in wanted])
+    h, w = clip.shape[1:3]
+    if min(h, w) < min_side:
+        raise BadSample("tiny_image", f"frames of {w}x{h}")
+    if max(h, w) / min(h, w) > max_aspect:
+        raise BadSample("extreme_aspect", f"frames of {w}x{h}")
+    return clip
+
+
+def encode_video(frames: np.ndarray, fps: int = 8, codec: str = "libx264", container_format: str = "mp4") -> bytes:
+    """[T, H, W, 3] uint8 RGB frames -> the bytes of a video file (the built-in clips, tests). H.264 by default,
+    nearly lossless (crf 12) so that the colours a caption names survive; even sides, as yuv420p needs."""
+    import av
+
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"frames of {w}x{h}: yuv420p needs even sides")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container_format) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "12", "preset": "veryfast"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
