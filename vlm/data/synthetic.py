@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import tarfile
 import time
@@ -365,7 +366,9 @@ class SyntheticData:
             for k, path in enumerate(self.shards(split)):
                 start = k * self.shard_size
                 jobs.append((path, self.seed, split, start, min(start + self.shard_size, total), total, self.aspect))
-        with ProcessPoolExecutor(max_workers=max(1, self.workers)) as pool:
+        # fresh interpreters, not forks: a fork taken while a library's threads (FFmpeg's, OpenMP's) hold a lock
+        # can hang its child
+        with ProcessPoolExecutor(max_workers=max(1, self.workers), mp_context=multiprocessing.get_context("spawn")) as pool:
             n = sum(pool.map(write_shard, *zip(*jobs)))
         from vlm.data.tokenizer import train_wordpiece
 

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import tarfile
 import time
@@ -189,7 +190,9 @@ class SyntheticVideo:
                 split_name = "test_compositional" if split == "test" else split  # the scenes' split seeds
                 jobs.append((path, self.seed, split_name, start, min(start + self.shard_size, total),
                              self.frames, self.height, self.width))
-        with ProcessPoolExecutor(max_workers=max(1, self.workers)) as pool:
+        # fresh interpreters, not forks: a fork taken while a library's threads (FFmpeg's, OpenMP's) hold a lock
+        # can hang its child
+        with ProcessPoolExecutor(max_workers=max(1, self.workers), mp_context=multiprocessing.get_context("spawn")) as pool:
             n = sum(pool.map(write_shard, *zip(*jobs)))
         from vlm.data.tokenizer import train_wordpiece
 

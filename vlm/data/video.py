@@ -124,16 +124,19 @@ def decode_video(data: bytes | None, sampler: ClipSampler, train: bool, rng: np.
     return clip
 
 
-def encode_video(frames: np.ndarray, fps: int = 8, codec: str = "libx264", container_format: str = "mp4") -> bytes:
+def encode_video(frames: np.ndarray, fps: int = 8, codec: str = "libx264", container_format: str = "mp4",
+                 options: dict[str, str] | None = None, path: str | None = None) -> bytes:
     """[T, H, W, 3] uint8 RGB frames -> the bytes of a video file (the built-in clips, tests). H.264 by default,
-    nearly lossless (crf 12) so that the colours a caption names survive; even sides, as yuv420p needs."""
+    nearly lossless (crf 12) so that the colours a caption names survive; even sides, as yuv420p needs.
+    ``options``: the container's; ``path``: write there (``{"movflags": "faststart"}``, an mp4 whose index
+    comes first, rewrites its file and needs one)."""
     import av
 
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"frames of {w}x{h}: yuv420p needs even sides")
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container_format) as out:
+    buf = path or io.BytesIO()
+    with av.open(buf, mode="w", format=container_format, options=options or {}) as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
@@ -143,4 +146,7 @@ def encode_video(frames: np.ndarray, fps: int = 8, codec: str = "libx264", conta
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+    if path is not None:
+        with open(path, "rb") as f:
+            return f.read()
     return buf.getvalue()

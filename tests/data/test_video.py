@@ -1,0 +1,218 @@
+"""Video data: the clip sampler's frames, broken videos skipped and counted, clips and images batched together,
+the built-in clips' foils."""
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from vlm.data.collate import PretrainCollator, pad_images
+from vlm.data.decode import BadSample
+from vlm.data.sample import Sample
+from vlm.data.sources import WebDataset
+from vlm.data.stream import ShardStream, StreamLoader
+from vlm.data.synthetic_video import clip
+from vlm.data.tokenizer import load_tokenizer
+from vlm.data.transforms import build_transform
+from vlm.data.video import ClipSampler, decode_video, encode_video
+
+
+@pytest.fixture(scope="module")
+def tokenizer(synthetic):
+    return load_tokenizer(f"{synthetic.root}/tokenizer")
+
+
+def frames(n, h=32, w=48, seed=0):
+    """``n`` frames whose red channel says their index (8 * k), the rest noise."""
+    f = np.random.default_rng(seed).integers(0, 60, size=(n, h, w, 3), dtype=np.uint8)
+    f[..., 0] = (8 * np.arange(n, dtype=np.uint8))[:, None, None]
+    return f
+
+
+def frame_ids(clip_frames):
+    return [int(round(c[..., 0].astype(float).mean() / 8)) for c in clip_frames]
+
+
+def test_segments_take_one_frame_per_segment_random_in_training_the_middle_at_evaluation():
+    s = ClipSampler(frames=4)
+    assert s.indices(16, train=False) == [1, 5, 9, 13]  # segments [0, 4), [4, 8), ...: their middles
+    assert s.indices(10, train=False) == [0, 3, 5, 8]  # segments [0, 2), [2, 5), [5, 7), [7, 10)
+    rng = np.random.default_rng(0)
+    seen = [s.indices(16, train=True, rng=rng) for _ in range(200)]
+    for k in range(4):
+        assert {idx[k] for idx in seen} == set(range(4 * k, 4 * k + 4))  # every frame of segment k, none outside
+    assert s.indices(3, train=False) == [0, 1, 2]  # shorter than the clip: every frame, once
+    assert s.indices(0, train=False) == []
+
+
+def test_fps_sampling_takes_frames_at_the_rate_centred_at_evaluation():
+    s = ClipSampler(frames=4, sampling="fps", fps=4.0)
+    assert s.indices(20, train=False, video_fps=8.0) == [6, 8, 10, 12]  # every 2nd frame, span 7, centred in 20
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        idx = s.indices(20, train=True, rng=rng, video_fps=8.0)
+        assert len(idx) == 4 and np.all(np.diff(idx) == 2) and idx[-1] < 20
+    with pytest.raises(ValueError, match="video.fps"):
+        ClipSampler(frames=4, sampling="fps")
+
+
+def test_decoding_keeps_the_sampled_frames_in_order():
+    data = encode_video(frames(16))
+    clip_frames = decode_video(data, ClipSampler(frames=4), train=False)
+    assert clip_frames.shape == (4, 32, 48, 3)
+    assert frame_ids(clip_frames) == [1, 5, 9, 13]
+    webm = encode_video(frames(16), codec="libvpx", container_format="webm")  # no frame count in the container
+    assert frame_ids(decode_video(webm, ClipSampler(frames=4), train=False)) == [1, 5, 9, 13]
+
+
+def audio_only(with_video_stream: bool) -> bytes:
+    """A file holding audio only, or audio and a video stream that has no frame."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska" if with_video_stream else "wav") as out:
+        if with_video_stream:
+            v = out.add_stream("libx264", rate=8)
+            v.width, v.height, v.pix_fmt = 48, 32, "yuv420p"
+        a = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*a.encode(frame), *a.encode()]:
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def broken_videos(tmp_path_factory):
+    """Each kind of broken video, by the reason it is counted under."""
+    path = str(tmp_path_factory.mktemp("videos") / "faststart.mp4")
+    faststart = encode_video(frames(16), options={"movflags": "faststart"}, path=path)  # the index says 16 frames
+    good = encode_video(frames(16))
+    return {
+        "empty_video": b"",
+        "corrupt_video": b"\x00\x00\x00 not a video at all" * 20,
+        "truncated_video": faststart[: len(faststart) // 2],
+        "no_video_stream": audio_only(with_video_stream=False),
+        "zero_frames": audio_only(with_video_stream=True),
+        "cut_before_index": good[: len(good) // 2],  # an mp4 whose index was at the end: unreadable
+    }
+
+
+@pytest.mark.parametrize("kind", ["empty_video", "corrupt_video", "truncated_video", "no_video_stream", "zero_frames"])
+def test_each_broken_video_is_named_by_its_reason(broken_videos, kind):
+    with pytest.raises(BadSample) as e:
+        decode_video(broken_videos[kind], ClipSampler(frames=4), train=False)
+    assert e.value.reason == kind
+    with pytest.raises(BadSample, match="missing_video"):
+        decode_video(None, ClipSampler(), train=False)
+
+
+def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_shard_of_clips_images_and_broken_videos_streams_the_good_ones_and_counts_the_rest(
+        tokenizer, tmp_path, broken_videos, synthetic):
+    path = tmp_path / "clips-00000.tar"
+    image = next(iter(tarfile.open(f"{synthetic.root}/val-00000.tar").getmembers()))
+    jpg = tarfile.open(f"{synthetic.root}/val-00000.tar").extractfile(image).read()
+    with tarfile.open(path, "w") as tar:
+        add(tar, "a.mp4", encode_video(frames(16))), add(tar, "a.txt", b"a red square moves left.")
+        add(tar, "b.webm", encode_video(frames(6), codec="libvpx", container_format="webm")), add(tar, "b.txt", b"b.")
+        add(tar, "img.jpg", jpg), add(tar, "img.txt", b"a picture.")
+        for kind, data in broken_videos.items():
+            add(tar, f"{kind}.mp4", data), add(tar, f"{kind}.txt", b"a caption.")
+    source = WebDataset()
+    stream = ShardStream([(source, source.shards(str(path), "val"))], build_transform(32, 64, size_divisor=16),
+                         PretrainCollator(tokenizer, 16), batch_size=16, shuffle=False, clips=ClipSampler(frames=4))
+    batches = list(StreamLoader(stream, None, num_workers=0))
+    assert len(batches) == 1
+    batch = batches[0]
+    assert batch.keys == ["a", "b", "img"]
+    assert batch.images.shape == (3, 4, 3, 32, 48) and batch.pixel_mask.shape == (3, 4, 32, 48)
+    assert batch.pixel_mask.flatten(2).any(-1).sum(1).tolist() == [4, 4, 1]  # the image: a clip of one frame
+    assert Counter(batch.skipped) == Counter(empty_video=1, corrupt_video=2, truncated_video=1, no_video_stream=1,
+                                             zero_frames=1)
+
+
+def test_training_draws_new_frames_each_epoch_and_the_same_ones_again_for_the_same_epoch(tokenizer, tmp_path):
+    path = tmp_path / "clips-00000.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "a.mp4", encode_video(frames(16))), add(tar, "a.txt", b"a caption.")
+    source = WebDataset()
+    ex = next(source.read(source.shards(str(path), "train")[0]))
+    stream = ShardStream([(source, source.shards(str(path), "train"))], build_transform(32, 48), PretrainCollator(tokenizer, 16), 1, endless=True,
+                         clips=ClipSampler(frames=4))
+
+    def drawn(epoch):  # the frame indices the clip of ``epoch`` holds, read back from its red channel
+        image = stream.prepare(ex, epoch)[0].image
+        return [int(round(((f[0] * 0.5 + 0.5) * 255).mean().item() / 8)) for f in image]
+
+    assert drawn(0) == drawn(0)
+    assert len({tuple(drawn(e)) for e in range(6)}) > 1
+    for e in range(6):
+        assert [k // 4 for k in drawn(e)] == [0, 1, 2, 3]  # still one frame per segment
+
+
+def test_clips_of_different_lengths_and_sizes_pad_with_masked_frames():
+    images, mask = pad_images([torch.ones(5, 3, 8, 12), torch.ones(2, 3, 12, 8), torch.ones(3, 8, 8)])
+    assert images.shape == (3, 5, 3, 12, 12) and mask.shape == (3, 5, 12, 12)
+    assert mask.flatten(2).any(-1).tolist() == [[True] * 5, [True, True, False, False, False],
+                                                 [True, False, False, False, False]]
+    assert mask[1, 0].sum() == 12 * 8 and not mask[1, 0, :, 8:].any()
+    assert (images[~mask[:, :, None].expand_as(images)] == 0).all()
+    only_images = pad_images([torch.ones(3, 8, 12), torch.ones(3, 12, 8)])
+    assert only_images[0].shape == (2, 3, 12, 12) and only_images[1].shape == (2, 12, 12)  # images stay images
+
+
+def test_foils_replace_negatives_texts_and_keep_the_own_image(tokenizer):
+    samples = [Sample(str(i), torch.zeros(3, 8, 8), text=f"a red square moves left {i}.",
+                      extra={"foil": f"a red square moves right {i}."}) for i in range(8)]
+    rng = np.random.default_rng(0)
+    batch = PretrainCollator(tokenizer, 24, mlm_prob=0.0, itm_foil_fraction=1.0)(samples, rng)
+    negatives = (batch.itm_labels == 0).nonzero().flatten().tolist()
+    assert len(negatives) == 4
+    assert batch.itm_index.tolist() == list(range(8))  # every negative is a foil: every image its own
+    texts = tokenizer.batch_decode(batch.itm_ids, skip_special_tokens=True)
+    for i in range(8):
+        assert ("right" if i in negatives else "left") in texts[i].replace(" ", "")
+    half = PretrainCollator(tokenizer, 24, mlm_prob=0.0, itm_foil_fraction=0.0)(samples, np.random.default_rng(0))
+    assert half.itm_ids is None and (half.itm_index[half.itm_labels == 0] != torch.nonzero(half.itm_labels == 0).flatten()).all()
+
+
+def test_a_built_in_clip_says_what_its_frames_show_and_its_foil_the_other_way():
+    seen = Counter()
+    for i in range(60):
+        video, record = clip(0, "train", i)
+        assert video.shape == (16, 96, 160, 3)
+        said, event, backwards = record["caption"], record["event"], record["reversed"]
+        # each event is drawn one way (right or down, appearing, first colour to second, towards); played
+        # backwards, the caption says the other
+        if event == "colour":
+            drawn_way = said.split(" from ")[1].startswith(record["objects"][0]["color"])
+        else:
+            drawn_way = {"move": "right" in said or "down" in said, "appear": "disappears" not in said,
+                         "approach": "away" not in said}[event]
+        assert drawn_way != backwards, record
+        assert record["foil"] != said
+        seen[event, backwards] += 1
+    assert len(seen) == 8  # every event, played both ways
+
+
+def test_appearing_shapes_are_absent_then_present():
+    for i in range(200):
+        video, record = clip(0, "val", i)
+        if record["event"] == "appear":
+            first, last = video[0].astype(int), video[-1].astype(int)
+            assert np.abs(first - last).sum() > 0
+            appears = "disappears" not in record["caption"]
+            # more of the frame is shape-coloured where the shape is (the background is dark and muted)
+            assert (last.max(-1) > 120).sum() > (first.max(-1) > 120).sum() if appears else \
+                (last.max(-1) > 120).sum() < (first.max(-1) > 120).sum()
+            return
+    pytest.fail("no appear event in 200 clips")
