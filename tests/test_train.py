@@ -148,6 +148,42 @@ def test_every_embedder_runs_end_to_end(embedder, data_dir, tmp_path, capsys):
     assert "val/itm_acc" in out and "skipped 0 samples" in out
 
 
+VIDEO = [*TINY, "data=synthetic_video", "data.batch_size=4", "data.image_size=64", "data.max_size=96",
+         "data.video.frames=4"]
+# data=mix_video: SMALL_DATA's sizes for each of its two generators (the session's data, not new data)
+MIX_SIZES = [o.replace("data.generate.", f"data.generate.{part}.") for part in ("scenes", "clips") for o in SMALL_DATA]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model/embedder=tubelet"], ["model/embedder=frames"], ["model/embedder=single_frame"],
+     ["model/embedder=tubelet", "task.collate.itm_foil_fraction=1.0"],
+     ["model/embedder=tubelet", "model.packing.enabled=true", "model.packing.seq_len=128"],
+     ["model/embedder=frames", "task=retrieval", "task.eval_images=8", "task.shortlist_k=4"],
+     ["model/embedder=tubelet", "data=mix_video", "data.batch_size=8", *MIX_SIZES]],
+    ids=["tubelet", "frames", "single_frame", "tubelet_foils", "tubelet_packed", "frames_retrieval", "mix_images_clips"],
+)
+def test_video_runs_end_to_end(overrides, data_dir, tmp_path, capsys):
+    """`python -m vlm.train data=synthetic_video model/embedder=E debug=fdr`; images and clips mixed (data=mix_video);
+    text-to-video retrieval, two-stage."""
+    video = [o for o in VIDEO if not o.startswith("data.generate.")] if "data=mix_video" in overrides else VIDEO
+    cfg = compose_config([*video, f"paths.data_dir={data_dir}", *overrides], output_dir=str(tmp_path))
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "skipped 0 samples" in out
+    assert ("val/ir_r1" if "task=retrieval" in overrides else "val/itm_acc") in out
+
+
+def test_a_mixed_batch_holds_clips_and_images_as_one_frame_clips(data_dir, tmp_path):
+    video = [o for o in VIDEO if not o.startswith("data.generate.")]
+    cfg = compose_config([*video, f"paths.data_dir={data_dir}", "data=mix_video", "data.batch_size=16", *MIX_SIZES,
+                          "model/embedder=tubelet"], output_dir=str(tmp_path))
+    dm = build(cfg)[0]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.images.dim() == 5
+    assert set(batch.pixel_mask.flatten(2).any(-1).sum(1).tolist()) == {1, 4}  # images, and clips of 4 frames
+
+
 @pytest.mark.slow
 def test_cli_trains_on_img2dataset_shards_with_bad_samples(data_dir, tmp_path):
     """The issue's command on small shards: 3% failed downloads, 10% broken images; skips printed and logged."""

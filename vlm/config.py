@@ -221,15 +221,21 @@ def check_run(cfg: DictConfig) -> None:
                           "Hugging Face cache (nothing is downloaded); null trains one on the training captions")
 
 
+def _roots(generate: Any):
+    """The folders the built-in data generators of a ``data.generate`` node write (several for a mixture)."""
+    if isinstance(generate, DictConfig):
+        if generate.get("root") is not None:
+            yield generate.root
+        for value in generate.values():
+            yield from _roots(value)
+
+
 def _tokenizer_exists(name: str, generate: Any) -> bool:
     path = Path(name).expanduser()
     if path.is_dir():
         return True
-    nodes = [generate] if isinstance(generate, DictConfig) and "_target_" in generate else (
-        list(generate.values()) if isinstance(generate, DictConfig) else [])
-    for node in nodes:  # the built-in data writes its tokenizer when it is first generated
-        root = node.get("root") if isinstance(node, DictConfig) else None
-        if root is not None and path.resolve().is_relative_to(Path(root).expanduser().resolve()):
+    for root in _roots(generate):  # the built-in data writes its tokenizer when it is first generated
+        if path.resolve().is_relative_to(Path(str(root)).expanduser().resolve()):
             return True
     try:
         from huggingface_hub import try_to_load_from_cache

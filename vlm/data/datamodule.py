@@ -20,7 +20,7 @@ from vlm.data.decode import REASONS
 from vlm.data.regions import RegionFile
 from vlm.data.sources import Shard, Source, WebDataset, expand_files, read_shard
 from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
-from vlm.data.synthetic import SyntheticData
+from vlm.data.synthetic import Generators, SyntheticData
 from vlm.data.synthetic_video import SyntheticVideo
 from vlm.data.tokenizer import load_tokenizer, train_wordpiece
 from vlm.data.transforms import build_transform
@@ -56,7 +56,7 @@ class ImageTextDataModule(L.LightningDataModule):
     aspect ratio above ``max_aspect`` are skipped and counted.
     ``region_features``: a region feature file (`vlm.data.regions`) whose boxes and features replace each
     sample's boxes (for ``box_source=precomputed``); samples it lacks are skipped and counted. ``generate`` may
-    name several generators (a mixture of the built-in scenes and clips), whose ``tokenizer`` is trained on their
+    be several (`Generators`: the built-in scenes and clips mixed), whose ``tokenizer`` is trained on their
     captions on first use. ``collate``: a
     partial that makes the batch maker, given the tokenizer where it takes one (the task's, ``task.collate``;
     None: images and tokenised text, `Collator`). ``video``: which frames make a video's clip (`ClipSampler`);
@@ -86,7 +86,7 @@ class ImageTextDataModule(L.LightningDataModule):
         min_image_side: Annotated[int, Ge(1)] = 8,
         max_aspect: Annotated[float, Ge(1)] = 10.0,
         max_bad_run: Annotated[int, Ge(1)] | None = None,
-        generate: SyntheticData | SyntheticVideo | dict[str, SyntheticData | SyntheticVideo] | None = None,
+        generate: SyntheticData | SyntheticVideo | Generators | None = None,
         region_features: str | None = None,
         answer_min_count: Annotated[int, Ge(1)] = 9,
         video: ClipSampler | None = None,
@@ -168,11 +168,9 @@ class ImageTextDataModule(L.LightningDataModule):
                 self.sources(split)
 
     def _generate(self) -> None:
-        """Write the built-in data where it is missing (one generator, or several for a built-in mixture)."""
-        generators = self.generate.values() if isinstance(self.generate, dict) else [self.generate]
-        for generator in generators:
-            if generator is not None:
-                generator.ensure()
+        """Write the built-in data where it is missing."""
+        if self.generate is not None:
+            self.generate.ensure()
 
     def prepare_data(self) -> None:
         self._generate()

@@ -378,6 +378,16 @@ class SyntheticData:
         return True
 
 
+class Generators:
+    """Several built-in data sets, each written on first use (``data=mix_video``: the scenes and the clips)."""
+
+    def __init__(self, **generators):
+        self.generators = generators
+
+    def ensure(self) -> bool:
+        return any([g.ensure() for g in self.generators.values()])
+
+
 def caption_texts(shards: list[str]):
     """Every text a model may read in the built-in data: captions, questions, answers, statements."""
     for path in shards:
