@@ -15,34 +15,63 @@ from vlm.bench.common import FAST, optimizer_for, timed, train_step
 from vlm.data.synthetic import scene_batch
 from vlm.precision import autocast
 
-WHAT = "every embedder in conf/model/embedder side by side: parameters, GFLOPs, ms alone and in a step"
+WHAT = "every embedder in conf/model/embedder side by side: parameters, GFLOPs, ms alone and in a step; images and clips"
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "embedder"
 VARIANTS = {  # rows beside one per embedder config: settings whose cost differs enough to show
     "grid resnet50": ["model/embedder=grid", "model.embedder.backbone=resnet50"],
     "region detector": ["model/embedder=region", "model.embedder.box_source=detector"],
 }
+VIDEO = ("frames", "tubelet", "single_frame")  # the clip table's rows (frames first: its ratios' reference)
+CLIP_FRAMES = 8  # frames per clip, as data=synthetic_video samples them
 
 
 def cases() -> dict[str, list[str]]:
-    """Report row -> overrides: every embedder config as it is (patch first: the ratios' reference), then VARIANTS."""
-    names = sorted((p.stem for p in CONF.glob("*.yaml")), key=lambda n: (n != "patch", n))
+    """Image table row -> overrides: every image embedder config as it is (patch first: the ratios' reference), then
+    VARIANTS."""
+    names = sorted((p.stem for p in CONF.glob("*.yaml") if p.stem not in VIDEO), key=lambda n: (n != "patch", n))
     return {**{name: [f"model/embedder={name}"] for name in names}, **VARIANTS}
 
 
+def clip_cases() -> dict[str, list[str]]:
+    """Clip table row -> overrides: the video embedders at every token of the clip."""
+    return {name: [f"model/embedder={name}", "model.embedder.max_tokens=-1"] for name in VIDEO}
+
+
 def run(args) -> dict:
-    """Cost of each visual embedder, side by side: parameters, GFLOPs, and time alone and in a training step."""
+    """Cost of each visual embedder, side by side: on the built-in scenes, and the video embedders on the built-in
+    clips (per clip: the same columns)."""
+    from vlm.cli import compose_train
+    from vlm.data.synthetic_video import clip_batch
+
+    n, vocab = args.batch, 4096
+    base = compose_train([])
+    scenes = scene_batch(n, base.data.image_size, base.data.max_size, vocab)
+    extra = [f"model.embedder.detector.weights={args.detector_weights}"] if args.detector_weights else []
+    images = measure({name: [*o, *(extra if "detector" in name else [])] for name, o in cases().items()}, scenes,
+                     vocab, args.repeats)
+    h, w = scenes.images.shape[2:]
+    show(images, f"visual embedders at the data's resolution ({n} scenes, padded to {h}x{w}), {FAST}, "
+                 f"{torch.get_num_threads()} threads; x = ratio to patch", "img")
+    clips = clip_batch(n, CLIP_FRAMES, vocab)
+    videos = measure(clip_cases(), clips, vocab, args.repeats)
+    t, _, ch, cw = clips.images.shape[1:]
+    show(videos, f"video embedders on the built-in clips ({n} clips of {t} frames, {ch}x{cw}), {FAST}, "
+                 f"{torch.get_num_threads()} threads; x = ratio to frames", "clip")
+    return {"batch": n, "padded_image": [h, w], "detector_weights": args.detector_weights, "rows": images,
+            "clip": [t, ch, cw], "clip_rows": videos}
+
+
+def measure(rows_overrides: dict[str, list[str]], batch, vocab: int, repeats: int | None) -> list[dict]:
+    """Parameters, GFLOPs, tokens and times per example of each row's embedder on ``batch``; ratios to the first row."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlm.cli import compose_train
     from vlm.tasks.base import build_task
 
-    n, vocab = args.batch, 4096
-    base = compose_train([])
-    batch = scene_batch(n, base.data.image_size, base.data.max_size, vocab)
-    extra = [f"model.embedder.detector.weights={args.detector_weights}"] if args.detector_weights else []
+    n = len(batch)
     rows = {}
-    for name, overrides in cases().items():
-        cfg = compose_train([*overrides, *(extra if "detector" in name else [])])
+    for name, overrides in rows_overrides.items():
+        cfg = compose_train(overrides)
         torch.manual_seed(0)
         task = build_task(cfg.task, cfg.model, SimpleNamespace(vocab_size=vocab, region_features=None))
         emb = task.model.embedder
@@ -53,9 +82,9 @@ def run(args) -> dict:
         tokens = emb.eval()(batch.images, batch.pixel_mask, batch.boxes).mask.sum(1).float().mean().item()
         opt = optimizer_for(task)
         rows[name] = {"task": task, "emb": emb, "opt": opt, "times": {"fwd": [], "fwd_bwd": [], "step": []},
-                       "row": {"embedder": name, "params_m": cost["params"] / 1e6, "trainable_m": cost["trainable"] / 1e6,
-                               "gflops": cost["gflops"], "tokens": tokens,
-                               "step_gflops": counter.get_total_flops() / n / 1e9}}
+                      "row": {"embedder": name, "params_m": cost["params"] / 1e6, "trainable_m": cost["trainable"] / 1e6,
+                              "gflops": cost["gflops"], "tokens": tokens,
+                              "step_gflops": counter.get_total_flops() / n / 1e9}}
 
     def forward(c):
         c["emb"].eval()
@@ -73,36 +102,35 @@ def run(args) -> dict:
         c["task"].train()
         train_step(c["task"], batch, FAST, c["opt"])
 
-    for r in range((args.repeats or 5) + 1):  # round robin, so every embedder sees the same machine; round 0 warms up
+    for r in range((repeats or 5) + 1):  # round robin, so every embedder sees the same machine; round 0 warms up
         for c in rows.values():
             for key, fn in (("fwd", forward), ("fwd_bwd", forward_backward), ("step", step)):
                 t = timed(lambda: fn(c))
                 if r:
                     c["times"][key].append(t / n * 1e3)
-    table_rows = []
+    out = []
     for c in rows.values():
         row = c["row"]
         for key, ts in c["times"].items():
             row[f"{key}_ms"] = statistics.median(ts)
-        table_rows.append(row)
-    rows = table_rows
-    ref = rows[0]
-    for row in rows:
+        out.append(row)
+    for row in out:
         for key in ("gflops", "step_gflops", "fwd_ms", "fwd_bwd_ms", "step_ms"):
-            row[f"{key}_x_patch"] = row[key] / ref[key]
-    h, w = batch.images.shape[2:]
-    title = (f"visual embedders at the data's resolution ({n} scenes, padded to {h}x{w}), {FAST}, "
-             f"{torch.get_num_threads()} threads; x = ratio to patch")
+            row[f"{key}_x_ref"] = row[key] / out[0][key]
+    return out
+
+
+def show(rows: list[dict], title: str, unit: str) -> None:
     table = Table(title=title)
-    for col in ("embedder", "params M (trainable)", "tokens / img", "GFLOPs / img", "fwd ms / img",
-                "fwd+bwd ms / img", "train-step GFLOPs / img", "train step ms / img"):
+    for col in ("embedder", "params M (trainable)", f"tokens / {unit}", f"GFLOPs / {unit}", f"fwd ms / {unit}",
+                f"fwd+bwd ms / {unit}", f"train-step GFLOPs / {unit}", f"train step ms / {unit}"):
         table.add_column(col, justify="right")
+
+    def x(r, key, digits):
+        return f"{r[key]:.{digits}f} ({r[f'{key}_x_ref']:.{2 if r[f'{key}_x_ref'] < 10 else 0}f}x)"
+
     for r in rows:
-        table.add_row(
-            r["embedder"], f"{r['params_m']:.2f} ({r['trainable_m']:.2f})", f"{r['tokens']:.1f}",
-            f"{r['gflops']:.3f} ({r['gflops_x_patch']:.0f}x)", f"{r['fwd_ms']:.1f} ({r['fwd_ms_x_patch']:.0f}x)",
-            f"{r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_x_patch']:.0f}x)",
-            f"{r['step_gflops']:.2f} ({r['step_gflops_x_patch']:.1f}x)", f"{r['step_ms']:.1f} ({r['step_ms_x_patch']:.1f}x)",
-        )
+        table.add_row(r["embedder"], f"{r['params_m']:.2f} ({r['trainable_m']:.2f})", f"{r['tokens']:.1f}",
+                      x(r, "gflops", 3), x(r, "fwd_ms", 1), x(r, "fwd_bwd_ms", 1), x(r, "step_gflops", 2),
+                      x(r, "step_ms", 1))
     Console(width=200).print(table)
-    return {"batch": n, "padded_image": [h, w], "detector_weights": args.detector_weights, "rows": rows}

@@ -213,6 +213,27 @@ def texts(shards: list[str]):
                     yield record["foil"]
 
 
+def clip_batch(n: int, frames: int, vocab: int):
+    """``n`` validation clips of the built-in video, ``frames`` frames each (segment middles, as evaluation samples
+    them), in a pretraining batch of random text (no files needed): for timing and tests."""
+    import torch
+
+    from vlm.data.collate import pad_images
+    from vlm.data.synthetic import random_batch
+    from vlm.data.transforms import MEAN, STD
+    from vlm.data.video import ClipSampler
+
+    sampler = ClipSampler(frames)
+    clips = []
+    for i in range(n):
+        video, _ = clip(0, "val", i)
+        picked = torch.from_numpy(video[sampler.indices(len(video), train=False)]).permute(0, 3, 1, 2).float() / 255
+        clips.append((picked - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])
+    batch = random_batch(n, 30, 32, 32, vocab)
+    batch.images, batch.pixel_mask = pad_images(clips)
+    return batch
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m vlm.data.synthetic_video")
     p.add_argument("--out", required=True)
