@@ -70,7 +70,7 @@ def test_interrupted_and_resumed_run_consumes_the_same_samples(shards, synthetic
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_data_config_composes_and_checks(name, tmp_path):
     overrides = [f"data={name}", f"paths.data_dir={tmp_path}"]
-    if name not in ("synthetic", "mix"):
+    if name not in ("synthetic", "mix", "mix_video"):
         overrides += ["data.train_files=x", "data.val_files=x"]
     if name == "mix":
         overrides += ["data.mix.web.train_files=x", "data.mix.coco.train_files=y"]
