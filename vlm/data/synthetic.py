@@ -149,7 +149,7 @@ def _questions(objs: list[Obj], rng: np.random.Generator, combos: list[tuple[str
         qa.append({"question": f"what shape is the {o.color} object?", "answer": o.shape, "type": "shape"})
     present = {(o.color, o.shape) for o in objs}
     if rng.random() < 0.5:
-        c, s = list(present)[rng.integers(len(present))]
+        c, s = sorted(present)[rng.integers(len(present))]  # sorted: a set's order changes with each process's hash seed
         qa.append({"question": f"is there {_a(c)} {s}?", "answer": "yes", "type": "exist"})
     else:
         absent = [cs for cs in combos if cs not in present]
