@@ -2,7 +2,6 @@
 the built-in clips' foils."""
 
 import io
-import json
 import tarfile
 from collections import Counter
 
@@ -119,8 +118,8 @@ def add(tar, name, data):
 def test_a_shard_of_clips_images_and_broken_videos_streams_the_good_ones_and_counts_the_rest(
         tokenizer, tmp_path, broken_videos, synthetic):
     path = tmp_path / "clips-00000.tar"
-    image = next(iter(tarfile.open(f"{synthetic.root}/val-00000.tar").getmembers()))
-    jpg = tarfile.open(f"{synthetic.root}/val-00000.tar").extractfile(image).read()
+    with tarfile.open(f"{synthetic.root}/val-00000.tar") as scenes:
+        jpg = scenes.extractfile(scenes.getmembers()[0]).read()
     with tarfile.open(path, "w") as tar:
         add(tar, "a.mp4", encode_video(frames(16))), add(tar, "a.txt", b"a red square moves left.")
         add(tar, "b.webm", encode_video(frames(6), codec="libvpx", container_format="webm")), add(tar, "b.txt", b"b.")

@@ -25,7 +25,6 @@ def test_tubelet_tokens_and_positions_for_clips_of_different_lengths_and_sizes()
     out = emb(images, mask)
     # tubelets: ceil(T / 2) in time x rows x columns of each clip's own size
     assert out.mask.sum(1).tolist() == [3 * 2 * 3, 1 * 3 * 2, 1 * 2 * 2]
-    gh, gw = 3, 3  # the padded grid
     for i, (steps, rows, cols) in enumerate([(3, 2, 3), (1, 3, 2), (1, 2, 2)]):
         n = steps * rows * cols
         want = [(s, r, c) for s in range(steps) for r in range(rows) for c in range(cols)]

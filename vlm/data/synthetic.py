@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -317,18 +317,85 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(path: str, seed: int, split: str, start: int, stop: int, total: int, aspect: str = "default") -> int:
+    return write_tar(path, (scene_files(seed, split, i, total, aspect) for i in range(start, stop)))
+
+
+def scene_files(seed: int, split: str, index: int, total: int, aspect: str) -> list[tuple[str, bytes]]:
+    key, jpg, meta = make_sample(seed, split, index, partner_of(seed, split, index, total), aspect)
+    return [(f"{key}.jpg", jpg), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
+
+
+def write_tar(path: str, samples) -> int:
+    """A webdataset shard of ``samples`` (each a list of (file name, bytes)), written whole or not at all."""
     tmp = f"{path}.tmp{os.getpid()}"
+    n = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in range(start, stop):
-            key, jpg, meta = make_sample(seed, split, i, partner_of(seed, split, i, total), aspect)
-            _add(tar, f"{key}.jpg", jpg)
-            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        for files in samples:
+            for name, data in files:
+                _add(tar, name, data)
+            n += 1
     os.replace(tmp, path)
-    return stop - start
+    return n
+
+
+class Generated:
+    """What the built-in data sets share (a frozen dataclass with ``root``, ``seed``, ``shard_size`` and ``workers``
+    that says its ``sizes()``, how to write one shard, and which texts its tokenizer learns): shards per split, a
+    fingerprint of the parameters, and ``ensure()``, which writes everything once."""
+
+    NAME = "synthetic"
+
+    def sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def shard_job(self, path: str, split: str, start: int, stop: int, total: int) -> tuple:
+        """(function, *arguments) writing one shard, run in a worker process."""
+        raise NotImplementedError
+
+    def tokenizer_texts(self):
+        raise NotImplementedError
+
+    def shards(self, split: str) -> list[str]:
+        n = math.ceil(self.sizes()[split] / self.shard_size)
+        return [str(Path(self.root) / f"{split}-{k:05d}.tar") for k in range(n)]
+
+    def params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("root", "workers")}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(self.params(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def ensure(self) -> bool:
+        """Generate what is missing; True when anything was written."""
+        root = Path(self.root)
+        stamp = root / "DONE"
+        if stamp.exists() and stamp.read_text().strip() == self.fingerprint():
+            return False
+        root.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        jobs = []
+        for split, total in self.sizes().items():
+            for k, path in enumerate(self.shards(split)):
+                start = k * self.shard_size
+                jobs.append(self.shard_job(path, split, start, min(start + self.shard_size, total), total))
+        # fresh interpreters, not forks: a fork taken while a library's threads (FFmpeg's, OpenMP's) hold a lock
+        # can hang its child
+        with ProcessPoolExecutor(max_workers=max(1, self.workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+            n = sum(pool.map(_run, jobs))
+        from vlm.data.tokenizer import train_wordpiece
+
+        train_wordpiece(self.tokenizer_texts(), root / "tokenizer")
+        stamp.write_text(self.fingerprint() + "\n")
+        print(f"{self.NAME}: wrote {n} samples in {len(jobs)} shards to {root} in {time.time() - t0:.1f}s")
+        return True
+
+
+def _run(job: tuple):
+    return job[0](*job[1:])
 
 
 @dataclass(frozen=True)
-class SyntheticData:
+class SyntheticData(Generated):
     """Parameters of the built-in data set; ``ensure()`` writes it (and its tokenizer) once."""
 
     root: str
@@ -343,39 +410,17 @@ class SyntheticData:
     def sizes(self) -> dict[str, int]:
         return {"train": self.train_size, "val": self.val_size, "test_compositional": self.test_size}
 
-    def shards(self, split: str) -> list[str]:
-        n = math.ceil(self.sizes()[split] / self.shard_size)
-        return [str(Path(self.root) / f"{split}-{k:05d}.tar") for k in range(n)]
+    def shard_job(self, path: str, split: str, start: int, stop: int, total: int) -> tuple:
+        return write_shard, path, self.seed, split, start, stop, total, self.aspect
 
-    def fingerprint(self) -> str:
-        params = {k: v for k, v in asdict(self).items() if k not in ("root", "workers")}
+    def tokenizer_texts(self):
+        return caption_texts(self.shards("train"))
+
+    def params(self) -> dict:
+        params = super().params()
         if params["aspect"] == "default":  # the data written before there was a choice keeps its fingerprint
             del params["aspect"]
-        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-
-    def ensure(self) -> bool:
-        """Generate what is missing; True when anything was written."""
-        root = Path(self.root)
-        stamp = root / "DONE"
-        if stamp.exists() and stamp.read_text().strip() == self.fingerprint():
-            return False
-        root.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        jobs = []
-        for split, total in self.sizes().items():
-            for k, path in enumerate(self.shards(split)):
-                start = k * self.shard_size
-                jobs.append((path, self.seed, split, start, min(start + self.shard_size, total), total, self.aspect))
-        # fresh interpreters, not forks: a fork taken while a library's threads (FFmpeg's, OpenMP's) hold a lock
-        # can hang its child
-        with ProcessPoolExecutor(max_workers=max(1, self.workers), mp_context=multiprocessing.get_context("spawn")) as pool:
-            n = sum(pool.map(write_shard, *zip(*jobs)))
-        from vlm.data.tokenizer import train_wordpiece
-
-        train_wordpiece(caption_texts(self.shards("train")), root / "tokenizer")
-        stamp.write_text(self.fingerprint() + "\n")
-        print(f"synthetic: wrote {n} samples in {len(jobs)} shards to {root} in {time.time() - t0:.1f}s")
-        return True
+        return params
 
 
 class Generators:
@@ -385,7 +430,8 @@ class Generators:
         self.generators = generators
 
     def ensure(self) -> bool:
-        return any([g.ensure() for g in self.generators.values()])
+        written = [g.ensure() for g in self.generators.values()]  # every one, not up to the first that writes
+        return any(written)
 
 
 def caption_texts(shards: list[str]):

@@ -16,21 +16,16 @@ each clip is a pure function of (seed, split, index).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import multiprocessing
 import os
 import tarfile
-import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm.data.synthetic import COLORS, SHAPES, SPLITS, _a, _add, _draw_shape
+from vlm.data.synthetic import COLORS, SHAPES, SPLITS, Generated, _a, _draw_shape, write_tar
 from vlm.data.video import encode_video
 
 EVENTS = ("move", "appear", "colour", "approach")
@@ -137,21 +132,21 @@ def _captions(rng, event: str, reverse: bool, actor, other, colour, axis) -> tup
     return (backward, forward) if reverse else (forward, backward)
 
 
+def clip_files(seed: int, split: str, index: int, frames: int, height: int, width: int) -> list[tuple[str, bytes]]:
+    video, record = clip(seed, split, index, frames, height, width)
+    key = f"{split}-{index:07d}"
+    return [(f"{key}.mp4", encode_video(video)), (f"{key}.json", json.dumps(record, sort_keys=True).encode())]
+
+
 def write_shard(path: str, seed: int, split: str, start: int, stop: int, frames: int, height: int, width: int) -> int:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in range(start, stop):
-            video, record = clip(seed, split, i, frames, height, width)
-            key = f"{split}-{i:07d}"
-            _add(tar, f"{key}.mp4", encode_video(video))
-            _add(tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
-    os.replace(tmp, path)
-    return stop - start
+    return write_tar(path, (clip_files(seed, split, i, frames, height, width) for i in range(start, stop)))
 
 
 @dataclass(frozen=True)
-class SyntheticVideo:
+class SyntheticVideo(Generated):
     """Parameters of the built-in clips; ``ensure()`` writes them (and a tokenizer of their captions) once."""
+
+    NAME = "synthetic_video"
 
     root: str
     seed: int = 0
@@ -167,39 +162,12 @@ class SyntheticVideo:
     def sizes(self) -> dict[str, int]:
         return {"train": self.train_size, "val": self.val_size, "test": self.test_size}
 
-    def shards(self, split: str) -> list[str]:
-        n = math.ceil(self.sizes()[split] / self.shard_size)
-        return [str(Path(self.root) / f"{split}-{k:05d}.tar") for k in range(n)]
+    def shard_job(self, path: str, split: str, start: int, stop: int, total: int) -> tuple:
+        seeds_of = "test_compositional" if split == "test" else split  # the split's generator seeds, as the scenes'
+        return write_shard, path, self.seed, seeds_of, start, stop, self.frames, self.height, self.width
 
-    def fingerprint(self) -> str:
-        params = {k: v for k, v in asdict(self).items() if k not in ("root", "workers")}
-        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-
-    def ensure(self) -> bool:
-        """Generate what is missing; True when anything was written."""
-        root = Path(self.root)
-        stamp = root / "DONE"
-        if stamp.exists() and stamp.read_text().strip() == self.fingerprint():
-            return False
-        root.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        jobs = []
-        for split, total in self.sizes().items():
-            for k, path in enumerate(self.shards(split)):
-                start = k * self.shard_size
-                split_name = "test_compositional" if split == "test" else split  # the scenes' split seeds
-                jobs.append((path, self.seed, split_name, start, min(start + self.shard_size, total),
-                             self.frames, self.height, self.width))
-        # fresh interpreters, not forks: a fork taken while a library's threads (FFmpeg's, OpenMP's) hold a lock
-        # can hang its child
-        with ProcessPoolExecutor(max_workers=max(1, self.workers), mp_context=multiprocessing.get_context("spawn")) as pool:
-            n = sum(pool.map(write_shard, *zip(*jobs)))
-        from vlm.data.tokenizer import train_wordpiece
-
-        train_wordpiece(texts(self.shards("train")), root / "tokenizer")
-        stamp.write_text(self.fingerprint() + "\n")
-        print(f"synthetic_video: wrote {n} clips in {len(jobs)} shards to {root} in {time.time() - t0:.1f}s")
-        return True
+    def tokenizer_texts(self):
+        return texts(self.shards("train"))
 
 
 def texts(shards: list[str]):

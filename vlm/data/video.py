@@ -132,7 +132,7 @@ def encode_video(frames: np.ndarray, fps: int = 8, codec: str = "libx264", conta
     comes first, rewrites its file and needs one)."""
     import av
 
-    t, h, w, _ = frames.shape
+    h, w = frames.shape[1:3]
     if h % 2 or w % 2:
         raise ValueError(f"frames of {w}x{h}: yuv420p needs even sides")
     buf = path or io.BytesIO()
