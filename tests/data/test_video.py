@@ -40,7 +40,8 @@ def frame_ids(clip_frames):
 def test_segments_take_one_frame_per_segment_random_in_training_the_middle_at_evaluation():
     s = ClipSampler(frames=4)
     assert s.indices(16, train=False) == [1, 5, 9, 13]  # segments [0, 4), [4, 8), ...: their middles
-    assert s.indices(10, train=False) == [0, 3, 5, 8]  # segments [0, 2), [2, 5), [5, 7), [7, 10)
+    assert s.indices(10, train=False) == [1, 3, 6, 8]  # segments [0, 3), [3, 5), [5, 8), [8, 10)
+    assert ClipSampler(frames=5).indices(17, train=False) == [1, 4, 8, 11, 15]  # [7, 10): the middle frame's
     rng = np.random.default_rng(0)
     seen = [s.indices(16, train=True, rng=rng) for _ in range(200)]
     for k in range(4):
@@ -188,7 +189,7 @@ def test_a_built_in_clip_says_what_its_frames_show_and_its_foil_the_other_way():
     seen = Counter()
     for i in range(60):
         video, record = clip(0, "train", i)
-        assert video.shape == (16, 96, 160, 3)
+        assert video.shape == (17, 96, 160, 3)
         said, event, backwards = record["caption"], record["event"], record["reversed"]
         # each event is drawn one way (right or down, appearing, first colour to second, towards); played
         # backwards, the caption says the other
@@ -227,3 +228,17 @@ def test_the_built_in_clips_are_the_same_bytes_whoever_writes_them(tmp_path):
     b = SyntheticVideo(str(tmp_path / "b"), train_size=12, val_size=4, test_size=4, shard_size=6, workers=2)
     assert a.ensure() and b.ensure() and not a.ensure()
     assert digest(a) == digest(b)
+
+
+def test_the_control_sees_the_same_frame_in_a_clip_and_in_its_reversal():
+    """compare_video_embedders' single_frame: at evaluation, the middle of 5 sampled frames of a 17-frame clip is
+    frame 8, the clip's middle, which playing the clip backwards leaves in place: caption and foil alike."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import ROOT
+
+    exp = OmegaConf.load(ROOT / "conf" / "experiment" / "compare_video_embedders.yaml")
+    data = OmegaConf.load(ROOT / "conf" / "data" / "synthetic_video.yaml")
+    n, k = data.generate.frames, exp.data.video.frames
+    picked = ClipSampler(frames=k).indices(n, train=False)
+    assert picked[(len(picked) - 1) // 2] == (n - 1) // 2 and n % 2 == 1  # FramesEmbedder(keep="middle")'s frame

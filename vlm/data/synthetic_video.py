@@ -4,7 +4,9 @@ Every clip is drawn as one of four events and then, with probability one half, p
 saying what the reversed clip shows: "moves right" becomes "moves left", "appears" "disappears", "changes
 from red to blue" "from blue to red", "moves towards" "moves away from". So every caption has a *foil*, the
 caption of the same frames in the other order (``KEY.json``'s ``foil``), and the two are equally likely for any
-set of frames: a model that sees one frame, or the frames in no order, cannot tell a caption from its foil.
+set of frames: a model that sees the frames in no order, or the middle one (clips have an odd number of frames,
+so the middle frame is the same played either way), cannot tell a caption from its foil. Any other single frame
+can: an appearing shape is more often absent a third of the way in than a disappearing one.
 Matching a clip against its foil (``task.collate.itm_foil_fraction``) measures whether a model uses time.
 
 Written as webdataset shards (``KEY.mp4``, H.264, + ``KEY.json``) and read by the same code as real video;
@@ -47,7 +49,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
     return img
 
 
-def clip(seed: int, split: str, index: int, frames: int = 16, height: int = 96, width: int = 160) -> tuple[np.ndarray, dict]:
+def clip(seed: int, split: str, index: int, frames: int = 17, height: int = 96, width: int = 160) -> tuple[np.ndarray, dict]:
     """Clip ``index``: its frames [T, H, W, 3] uint8 and its record (caption, foil, event, reversed, objects)."""
     rng = np.random.default_rng([seed, 77, SPLITS[split], index])
     size = int(rng.integers(22, 30))  # a shape spans most of one 32-pixel patch
@@ -154,7 +156,7 @@ class SyntheticVideo(Generated):
     val_size: int = 500
     test_size: int = 500
     shard_size: int = 250
-    frames: int = 16
+    frames: int = 17  # odd: the middle frame is its own mirror image in time, the same in a clip and its reversal
     height: int = 96
     width: int = 160
     workers: int = 2

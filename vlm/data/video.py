@@ -46,8 +46,9 @@ class ClipSampler:
             return []
         if self.sampling == "segments":
             k = min(self.frames, n)
-            edges = np.linspace(0, n, k + 1)
-            lo, hi = np.floor(edges[:-1]).astype(int), np.floor(edges[1:]).astype(int)  # >= 1 frame each: k <= n
+            # rounded edges: the segments of a clip played backwards are its segments backwards (>= 1 frame each)
+            edges = np.floor(np.linspace(0, n, k + 1) + 0.5).astype(int)
+            lo, hi = edges[:-1], edges[1:]
             if train:
                 return [int(rng.integers(a, b)) for a, b in zip(lo, hi)]
             return [int((a + b - 1) // 2) for a, b in zip(lo, hi)]
