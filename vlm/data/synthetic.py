@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import tarfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -338,22 +339,24 @@ def write_tar(path: str, samples) -> int:
     return n
 
 
-class Generated:
+class Generated(ABC):
     """What the built-in data sets share (a frozen dataclass with ``root``, ``seed``, ``shard_size`` and ``workers``
     that says its ``sizes()``, how to write one shard, and which texts its tokenizer learns): shards per split, a
     fingerprint of the parameters, and ``ensure()``, which writes everything once."""
 
     NAME = "synthetic"
 
+    @abstractmethod
     def sizes(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Samples per split."""
 
+    @abstractmethod
     def shard_job(self, path: str, split: str, start: int, stop: int, total: int) -> tuple:
         """(function, *arguments) writing one shard, run in a worker process."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tokenizer_texts(self):
-        raise NotImplementedError
+        """The texts the data's tokenizer is trained on."""
 
     def shards(self, split: str) -> list[str]:
         n = math.ceil(self.sizes()[split] / self.shard_size)
