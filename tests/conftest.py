@@ -71,3 +71,35 @@ def run_dir(data_dir, tmp_path_factory) -> Path:
     torch.save({"state_dict": task.state_dict()}, run / "checkpoints" / "last.ckpt")
     Image.new("RGB", (150, 100), (40, 40, 40)).save(run / "scene.png")
     return run
+
+
+@pytest.fixture
+def read_only(tmp_path_factory):
+    """``read_only(folder)`` -> the folder seen through a read-only mount (as root: a read-only bind mount, since
+    permission bits do not stop root; otherwise the bits themselves); skipped where neither can be had."""
+    import os
+    import shutil
+    import subprocess
+
+    mounted, chmodded = [], []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() != 0:
+            for p in [folder, *folder.rglob("*")]:
+                if p.is_dir():
+                    p.chmod(0o555)
+                    chmodded.append(p)
+            return folder
+        view = tmp_path_factory.mktemp("ro")
+        if not shutil.which("mount") or subprocess.run(["mount", "--bind", str(folder), str(view)]).returncode:
+            pytest.skip("no read-only mount here (needs mount --bind as root)")
+        mounted.append(view)
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(view)]).returncode:
+            pytest.skip("no read-only remount here")
+        return view
+
+    yield make
+    for view in mounted:
+        subprocess.run(["umount", str(view)])
+    for p in chmodded:
+        p.chmod(0o755)

@@ -1,6 +1,7 @@
 """Runs through the Hydra entry point: the default config and every experiment, one step each."""
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -342,3 +343,58 @@ def test_a_first_run_writes_the_built_in_data_before_checking_its_files(tmp_path
     train(cfg)
     assert "synthetic: wrote 384 samples" in capsys.readouterr().out
     assert (tmp_path / "data" / "synthetic" / "tokenizer").is_dir()
+
+
+def test_the_console_holds_the_runs_own_lines_and_the_log_file_the_libraries(data_dir, tmp_path):
+    """A short run logging to W&B (offline): Lightning's tips and device lines and W&B's banner and run-history
+    dump go to the run's log file / W&B's own; the console says the precision, where W&B logs, and ends with the
+    final table and the skip line."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    env.pop("WANDB_SILENT", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "vlm.train", "trainer.max_steps=2", "trainer.val_check_interval=2",
+         "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "data.batch_size=8", "data.num_workers=0",
+         "logger=wandb", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", *SMALL_DATA],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    console = res.stdout + res.stderr
+    for chatter in ("Tip:", "GPU available", "TPU available", "Trainer already configured", "`Trainer.fit` stopped",
+                    "wandb:", "Run history", "Run summary"):
+        assert chatter not in console, chatter
+    assert console.startswith("precision: ")
+    assert "GPU available" in (tmp_path / "train.log").read_text()
+    wandb_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("W&B: offline run in "))
+    assert (ROOT / wandb_line.split(" (upload")[0].removeprefix("W&B: offline run in ")).is_dir()
+    lines = res.stdout.rstrip().splitlines()
+    assert lines[-1] == "skipped 0 samples" and lines[-2].startswith("└") and "final validation" in res.stdout
+    assert not res.stderr.strip(), res.stderr
+
+
+def test_a_read_only_run_folder_is_one_line(data_dir, tmp_path, read_only):
+    (tmp_path / "mount").mkdir()
+    ro = read_only(tmp_path / "mount")
+    res = subprocess.run(
+        [sys.executable, "-m", "vlm.train", "debug=fdr", "logger=none", f"paths.data_dir={data_dir}",
+         f"hydra.run.dir={ro}/run", *SMALL_DATA],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"vlm.train: error: cannot write {ro}/run (Read-only file system): a run writes its "
+                                  "folder (hydra.run.dir, hydra.sweep.dir) and paths.log_dir; give folders it can write")
+
+
+def test_a_sweeps_optimized_metric_the_runs_do_not_compute_is_an_error():
+    from hydra.core.hydra_config import HydraConfig
+
+    from vlm.errors import TrainingError
+    from vlm.train import optimized_value
+
+    cfg = compose_config(["optimized_metric=val/vqa_score"])
+    assert optimized_value(cfg, {"val/vqa_score": 0.5}) == 0.5
+    assert optimized_value(cfg, {}) is None  # a single run: nothing optimises it
+    cfg = compose_config(["optimized_metric=val/vqa_score", "hydra.mode=MULTIRUN"])
+    assert HydraConfig.get().mode.name == "MULTIRUN"
+    with pytest.raises(TrainingError, match=r"^optimized_metric=val/vqa_score: the run computed no such metric "
+                                            r"\(it has val/loss\): the sweeper"):
+        optimized_value(cfg, {"val/loss": 1.0})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import errno
 import inspect
 import re
 import sys
@@ -317,6 +318,11 @@ def reported(prog: str):
         yield
     except Exception as e:
         first = first_reported(e)
+        if first is None and isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            where = f" {e.filename}" if e.filename else ""
+            print(f"{prog}: error: cannot write{where} ({e.strerror}): a run writes its folder (hydra.run.dir, "
+                  "hydra.sweep.dir) and paths.log_dir; give folders it can write", file=sys.stderr)
+            sys.exit(2)
         if first is None:
             raise
         print(f"{prog}: error: {one_line(first) if not isinstance(first, DataError) else data_line(first)}",

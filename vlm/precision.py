@@ -30,10 +30,16 @@ def resolve(precision: str | int, accelerator: str | None = "cpu") -> str:
 
 
 def say_precision(trainer_cfg) -> None:
-    """On a CPU without native bf16, say so on the run's first line (the run is fp32, and why)."""
-    if trainer_cfg.get("accelerator") == "cpu" and str(trainer_cfg.get("precision")).startswith("32") \
-            and not cpu_has_fast_bf16():
-        print(f"precision: {trainer_cfg.precision} (this CPU has no native bf16, where bf16 runs ~100x slower)")
+    """The run's first line: the precision it computes in and, on a CPU, why (native bf16 or not)."""
+    precision = str(trainer_cfg.get("precision"))
+    why = ""
+    if trainer_cfg.get("accelerator") == "cpu":
+        native = cpu_has_fast_bf16()
+        if precision.startswith("32") and not native:
+            why = " (this CPU has no native bf16, where bf16 runs ~100x slower)"
+        elif precision.startswith("bf16"):
+            why = " (this CPU computes bf16 natively)" if native else " (this CPU has no native bf16: expect ~100x slower)"
+    print(f"precision: {precision}{why}")
 
 
 def fast_cpu_precision() -> str:

@@ -15,6 +15,8 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from vlm.callbacks import CheckpointOnSignal, Throughput
 from vlm.cli import CONF_DIR, quote_brace_ranges
 from vlm.config import building, check, check_run, devices_of, reported
-from vlm.loggers import close_loggers
+from vlm.errors import TrainingError
+from vlm.loggers import chatter_to_log_file, close_loggers, say_where_wandb_logs
 from vlm.precision import say_precision
 from vlm.report import print_metrics, print_skipped
 from vlm.resume import check_resume, read_training_checkpoint, run_folder_checkpoint
@@ -77,8 +80,16 @@ def all_ranks(skipped: dict[str, Counter]) -> dict[str, Counter]:
 
 
 def train(cfg: DictConfig) -> float | None:
-    dm, task, trainer = build(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with chatter_to_log_file(out_dir):
+        metrics = fit_and_evaluate(cfg, out_dir)
+    return optimized_value(cfg, metrics)
+
+
+def fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    """Build, fit, evaluate; results.json says how it ended (complete, preempted or failed) whatever happens."""
+    dm, task, trainer = build(cfg)
     results: dict = {"status": "failed", "run_name": cfg.get("run_name"), "label": cfg.get("label"), "seed": cfg.seed}
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
@@ -86,6 +97,7 @@ def train(cfg: DictConfig) -> float | None:
         summary = task.summary(trainer, dm)
         skipped = all_ranks(dm.skipped)
         if trainer.is_global_zero:  # every rank evaluates (metrics are synced); one prints
+            say_where_wandb_logs(trainer.loggers)
             print_metrics(metrics)
             print_skipped(skipped)
         for lg in trainer.loggers:
@@ -99,12 +111,21 @@ def train(cfg: DictConfig) -> float | None:
         raise
     finally:
         if trainer.is_global_zero:
-            out_dir.mkdir(parents=True, exist_ok=True)
             tmp = out_dir / "results.json.tmp"
             tmp.write_text(json.dumps(results, indent=1))
             tmp.replace(out_dir / "results.json")
         close_loggers(trainer.loggers)
-    value = results["metrics"].get(cfg.get("optimized_metric") or "")
+    return results["metrics"]
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """What a sweeper optimises: ``optimized_metric`` of the final metrics. A sweep whose runs do not compute it
+    would optimise nothing, silently: that is an error naming what the run did compute."""
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise TrainingError(f"optimized_metric={name}: the run computed no such metric (it has "
+                            f"{', '.join(sorted(metrics)) or 'none'}): the sweeper would have nothing to optimise")
+    value = metrics.get(name or "")
     return float(value) if value is not None else None
 
 

@@ -145,3 +145,25 @@ def test_tokenizer_training_skips_unreadable_shards(tmp_path):
     dm = ImageTextDataModule(train_files=str(tmp_path / "dead" / "a.tar"), val_files=good)
     with pytest.warns(DataWarning), pytest.raises(DataError, match=r"no caption to train a tokenizer on in data.train_files.*data.tokenizer"):
         dm.tokenizer
+
+
+def test_a_read_only_data_folder_keeps_its_trained_tokenizer_in_the_cache(tmp_path, read_only, capsys):
+    """No data.tokenizer and training files on a read-only mount: the tokenizer is trained into
+    ``tokenizer_cache`` (said on one line), found there by the next run; without a cache, one line."""
+    from vlm.data.datamodule import ImageTextDataModule
+    from vlm.errors import DataError
+
+    export.write_webdataset(tmp_path / "web", "train", 8, 1)
+    ro = read_only(tmp_path / "web")
+    files = str(ro / "train-*.tar")
+    dm = ImageTextDataModule(train_files=files, tokenizer_cache=str(tmp_path / "cache"))
+    assert dm.vocab_size > 20
+    saved = list((tmp_path / "cache").iterdir())
+    assert len(saved) == 1 and (saved[0] / "tokenizer.json").is_file()
+    line = capsys.readouterr().out.strip()
+    assert line == f"tokenizer: {ro} is read-only; the tokenizer of its captions is kept in {saved[0]}"
+    again = ImageTextDataModule(train_files=files, tokenizer_cache=str(tmp_path / "cache"))
+    assert again._tokenizer_dir() == saved[0] and again.vocab_size == dm.vocab_size
+
+    with pytest.raises(DataError, match=rf"^{ro} is read-only, so the tokenizer .* data.tokenizer=DIR or data.tokenizer_cache=DIR$"):
+        ImageTextDataModule(train_files=files).tokenizer

@@ -3,8 +3,11 @@ task's collate, resumable mid-epoch; `LogSkipped` logs what it dropped."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
+import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +74,7 @@ class ImageTextDataModule(L.LightningDataModule):
         source: Source | None = None,
         mix: dict[str, MixPart] | None = None,
         tokenizer: str | None = None,
+        tokenizer_cache: str | None = None,
         collate: Callable[..., ImageCollator] | None = None,
         batch_size: Annotated[int, Ge(1)] = 64,
         micro_batch_size: Annotated[int, Ge(1)] | None = None,
@@ -105,6 +109,8 @@ class ImageTextDataModule(L.LightningDataModule):
                 raise ValueError("train_files: not set (or give mix)")
             self.parts = {"data": MixPart(source or WebDataset(), train_files, val_files, test_files)}
         self.tokenizer_path = tokenizer
+        self.tokenizer_cache = tokenizer_cache
+        self._trained_dir: Path | None = None
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.device_batch_size = micro_batch_size or batch_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
@@ -192,13 +198,28 @@ class ImageTextDataModule(L.LightningDataModule):
             yield from source.texts(shards, limit // len(parts))
 
     def _tokenizer_dir(self) -> Path:
+        """Where the tokenizer is read from, or written to when it is trained here: ``tokenizer``; else beside the
+        first training file; where that folder cannot be written (a shared read-only mount), a folder of
+        ``tokenizer_cache`` named for the training files, so the next run on them finds it."""
         if self.tokenizer_path is not None:
             return Path(self.tokenizer_path)
+        if self._trained_dir is not None:
+            return self._trained_dir
         first = next(iter(self.parts.values())).train_files
         files = expand_files(first)
         if not files:
             raise FileNotFoundError(f"train_files: no file matches {first!r}")
-        return Path(files[0]).parent / "tokenizer"
+        beside = Path(files[0]).parent / "tokenizer"
+        if beside.exists() or os.access(beside.parent, os.W_OK):
+            self._trained_dir = beside
+            return beside
+        if self.tokenizer_cache is None:
+            raise DataError(f"{beside.parent} is read-only, so the tokenizer trained on its captions cannot be saved "
+                            "beside it: give data.tokenizer=DIR or data.tokenizer_cache=DIR")
+        digest = hashlib.sha1(json.dumps([[str(Path(f).resolve()), os.path.getsize(f)] for f in files]).encode())
+        self._trained_dir = Path(self.tokenizer_cache) / f"{Path(files[0]).parent.name}-{digest.hexdigest()[:12]}"
+        print(f"tokenizer: {beside.parent} is read-only; the tokenizer of its captions is kept in {self._trained_dir}")
+        return self._trained_dir
 
     @property
     def reads_text(self) -> bool:
@@ -209,7 +230,7 @@ class ImageTextDataModule(L.LightningDataModule):
     def tokenizer(self):
         if self._tokenizer is None:
             self.prepare_data()
-            self._tokenizer = load_tokenizer(self.tokenizer_path or self._tokenizer_dir())
+            self._tokenizer = load_tokenizer(self._tokenizer_dir())
         return self._tokenizer
 
     @property
