@@ -99,3 +99,17 @@ def test_truncated_images_are_never_half_loaded():
     with pytest.raises(BadSample):
         decode_image(encode(RED, "JPEG")[:-40])
     assert decode.ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize("orientation, turns", [(6, -1), (8, 1), (3, 2)], ids=["cw", "ccw", "half"])
+def test_exif_orientation_is_applied(orientation, turns):
+    """A photo stored sideways with EXIF Orientation 6 (a phone held upright) is shown turned 90 degrees clockwise;
+    8 counter-clockwise; 3 half a turn."""
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:8, :16] = 255  # a white bar in the stored pixels' top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    img = decode_image(encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif))
+    shown = np.rot90(stored, k=turns)  # counter-clockwise turns
+    assert img.size == (shown.shape[1], shown.shape[0])
+    assert ((np.asarray(img)[..., 0] > 128) == (shown[..., 0] > 128)).all()

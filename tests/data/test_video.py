@@ -242,3 +242,157 @@ def test_the_control_sees_the_same_frame_in_a_clip_and_in_its_reversal():
     n, k = data.generate.frames, exp.data.video.frames
     picked = ClipSampler(frames=k).indices(n, train=False)
     assert picked[(len(picked) - 1) // 2] == (n - 1) // 2 and n % 2 == 1  # FramesEmbedder(keep="middle")'s frame
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The (width, height) of every frame a decoder hands to the code that reads a video."""
+    sizes = []
+    real_open = av.open
+
+    class Watched:
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def decode(self, *args, **kwargs):
+            for frame in self.container.decode(*args, **kwargs):
+                sizes.append((frame.width, frame.height))
+                yield frame
+
+    def watched_open(file, mode="r", **kwargs):
+        container = real_open(file, mode, **kwargs)
+        return Watched(container) if mode == "r" else container
+
+    monkeypatch.setattr(av, "open", watched_open)
+    return sizes
+
+
+def blank_video(w, h, n=1, container_format="matroska", noise=False) -> bytes:
+    """``n`` frames of w x h, H.264 at its fastest: blank ones of any size cost a few hundred kilobytes."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container_format) as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        frame = av.VideoFrame(w, h, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            if noise:
+                frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def huge_frame():
+    """One blank 8192 x 5120 frame: 42 M pixels, over the default video.max_frame_pixels, in ~120 KB."""
+    return blank_video(8192, 5120)
+
+
+def test_a_video_over_a_pixel_cap_is_skipped_before_a_frame_is_decoded(decoded, huge_frame):
+    small = encode_video(frames(16))  # 48 x 32 = 1536 pixels a frame
+    for sampler in [ClipSampler(frames=4, max_frame_pixels=48 * 32 - 1),
+                    ClipSampler(frames=4, max_clip_pixels=4 * 48 * 32 - 1), ClipSampler()]:
+        with pytest.raises(BadSample) as e:
+            decode_video(huge_frame if sampler == ClipSampler() else small, sampler, train=False)
+        assert e.value.reason == "huge_video"
+    assert decoded == []  # found from the stream's header: the decoder was never asked for a frame
+    clip_frames = decode_video(small, ClipSampler(frames=4, max_frame_pixels=48 * 32, max_clip_pixels=4 * 48 * 32),
+                               train=False)
+    assert clip_frames.shape == (4, 32, 48, 3) and decoded == [(48, 32)] * 14  # at the caps: decoded to frame 13
+    with pytest.raises(ValueError, match="video.max_clip_pixels"):
+        ClipSampler(max_clip_pixels=0)
+
+
+def test_a_larger_frame_later_in_the_stream_is_refused_by_the_decoder(decoded):
+    # a raw H.264 stream of 48 x 32 frames that goes on at 96 x 64: its header says 48 x 32
+    data = blank_video(48, 32, 16, "h264", noise=True) + blank_video(96, 64, 4, "h264", noise=True)
+    with av.open(io.BytesIO(data)) as c:
+        assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (48, 32)
+        assert set(decoded) == set() and {(f.width, f.height) for f in c.decode(video=0)} == {(48, 32), (96, 64)}
+    decoded.clear()
+    with pytest.raises(BadSample) as e:
+        decode_video(data, ClipSampler(frames=4, max_frame_pixels=48 * 32), train=False)
+    assert e.value.reason == "huge_video"
+    assert decoded and set(decoded) == {(48, 32)}  # the 96 x 64 frames were never decoded
+
+
+def test_a_shard_with_a_clip_of_huge_frames_streams_the_rest_and_counts_it(
+        tokenizer, tmp_path, synthetic, decoded, huge_frame):
+    path = tmp_path / "clips-00000.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "a.mp4", encode_video(frames(16))), add(tar, "a.txt", b"a red square moves left.")
+        add(tar, "huge.mkv", huge_frame), add(tar, "huge.txt", b"a blank.")
+        add(tar, "b.mp4", encode_video(frames(8))), add(tar, "b.txt", b"b.")
+    source = WebDataset()
+    stream = ShardStream([(source, source.shards(str(path), "val"))], build_transform(32, 64, size_divisor=16),
+                         PretrainCollator(tokenizer, 16), batch_size=16, shuffle=False, clips=ClipSampler(frames=4))
+    batches = list(StreamLoader(stream, None, num_workers=0))
+    assert [b.keys for b in batches] == [["a", "b"]]
+    assert Counter(batches[0].skipped) == Counter(huge_video=1)
+    assert set(decoded) == {(48, 32)}  # nothing of the huge clip was decoded
+
+
+def test_the_pixel_caps_are_data_video_keys_and_a_wrong_one_fails_at_start():
+    from tests.conftest import compose_config
+    from vlm.config import check
+    from vlm.errors import ConfigError
+    from vlm.tasks.base import HANDLED
+
+    cfg = compose_config(["data.video.max_frame_pixels=1000", "data.video.max_clip_pixels=4000"])
+    check(cfg, handled=HANDLED)
+    sampler = ClipSampler(**cfg.data.video)  # as the data module builds it
+    assert (sampler.max_frame_pixels, sampler.max_clip_pixels) == (1000, 4000)
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.video\.max_frame_pixel'"):
+        check(compose_config(["+data.video.max_frame_pixel=1000"]), handled=HANDLED)
+    with pytest.raises(ConfigError, match=r"'data\.video\.max_clip_pixels' = 0: expected an int >= 1"):
+        check(compose_config(["data.video.max_clip_pixels=0"]), handled=HANDLED)
+
+
+def rotated_video(clip_frames: np.ndarray, degrees: int, hflip: bool = False) -> bytes:
+    """An mp4 of ``clip_frames`` whose display matrix turns them ``degrees`` counter-clockwise (-90: a phone held
+    upright, whose camera stores its frames sideways), then mirrors them left-right if ``hflip``."""
+    buf = io.BytesIO()
+    h, w = clip_frames.shape[1:3]
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "12"}
+        stream.set_display_rotation(degrees, hflip=hflip)
+        for f in clip_frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("degrees, hflip", [(-90, False), (90, False), (180, False), (0, True), (-90, True)])
+def test_a_rotated_video_is_decoded_upright(degrees, hflip):
+    stored = np.zeros((4, 32, 48, 3), np.uint8)
+    stored[:, :8, :16] = 255  # a white bar in the stored frames' top-left corner
+    data = rotated_video(stored, degrees, hflip)
+    with av.open(io.BytesIO(data)) as c:
+        rotation = next(c.decode(video=0)).rotation  # what the file says (a mirror alone reads as -180)
+    assert rotation == {(-90, False): -90, (90, False): 90, (180, False): -180, (0, True): -180, (-90, True): -90}[
+        degrees, hflip]
+    shown = np.rot90(stored, k=degrees // 90, axes=(1, 2))  # as a player shows it: counter-clockwise
+    if hflip:
+        shown = shown[:, :, ::-1]
+    got = decode_video(data, ClipSampler(frames=2), train=False)
+    assert got.shape == (2, *shown.shape[1:])
+    assert ((got[..., 0] > 128) == (shown[:2, ..., 0] > 128)).all()

@@ -7,7 +7,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # far above any sane image, still a cap on decompression bombs
 
@@ -37,6 +37,7 @@ REASONS = (
     "truncated_video",  # frames end before the container said they would, or stop decoding part-way
     "no_video_stream",  # a container with no video stream (audio only, ...)
     "zero_frames",  # a video stream with no frame in it
+    "huge_video",  # frames over video.max_frame_pixels, or a clip over video.max_clip_pixels (vlm.data.video)
     "error",  # anything else a sample raised (warned once per process with the exception)
     "unreadable_shard",  # a whole shard (tar, parquet file, metadata table) that cannot be read; counts shards
 )
@@ -53,7 +54,8 @@ class BadSample(Exception):
 
 
 def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0) -> Image.Image:
-    """Decode and convert to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit all converted, not dropped)."""
+    """Decode and convert to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit all converted, not dropped), turned
+    upright by its EXIF orientation as viewers show it (a phone's portrait photo is stored sideways)."""
     if data is None:
         raise BadSample("missing_image")
     if len(data) == 0:
@@ -64,6 +66,7 @@ def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSample("huge_image", str(e)) from None
     except Exception as e:  # PIL raises many types for broken bytes
