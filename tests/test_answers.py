@@ -64,6 +64,13 @@ def test_vocabulary_keeps_answers_seen_min_count_times_and_counts_the_rest():
         AnswerVocab.build(train, min_count=100)
 
 
+def test_a_vocabulary_of_no_answers_does_not_advise_a_lower_min_count():
+    for lists in ([], [[], []], [["the"] * 10]):  # no questions, none with answers, only empty answers
+        with pytest.raises(ValueError, match="no question has answers") as e:
+            AnswerVocab.build(lists, min_count=1)
+        assert "min_count" not in str(e.value)
+
+
 def test_vqa_score_metric_is_the_mean_over_questions():
     m = VQAScore()
     m.update(torch.tensor([1.0, 0.0]))

@@ -29,12 +29,13 @@ def compose_model(preset: str, *overrides: str) -> DictConfig:
     return compose_train([f"model={preset}", *overrides]).model
 
 
-_RANGE = re.compile(r"\{\d+\.\.\d+\}")
+_RANGE = re.compile(r"\{\d+\.\.\d+\}|\{split\}")
 
 
 def quote_brace_ranges(argv: list[str]) -> list[str]:
-    """Quote override values holding ``{00000..00099}`` shard ranges, which Hydra's grammar would reject,
-    so that ``"data.train_files=DIR/train-{00000..00099}.tar"`` works as written."""
+    """Quote override values holding ``{00000..00099}`` shard ranges or a ``{split}`` placeholder, which Hydra's
+    grammar would reject, so that ``"data.train_files=DIR/train-{00000..00099}.tar"`` and
+    ``data.source.image_root='DIR/{split}_images'`` work as written (the shell has taken the quotes off)."""
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")

@@ -81,6 +81,53 @@ def test_vqav2_without_annotations_gives_questions_only(tmp_path):
     assert len(raw) == 3 and all("answers" not in ex["extra"] for ex in raw)  # test-dev: predictions only
 
 
+def write_vqa_questions(path, subtype):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data_subtype": subtype, "questions": [
+        {"image_id": 1, "question": "what is it?", "question_id": 20}]}))
+    return str(path)
+
+
+def test_vqav2_splits_without_annotations_are_named_once_at_the_start(tmp_path, capsys):
+    """Val questions with no annotations of their own are answered, not scored: said on one line when the files
+    are checked (the run's start), whether nothing lies beside them or only another subtype's annotations."""
+    from vlm.data.datamodule import ImageTextDataModule
+
+    train = write_vqa(tmp_path)
+    val = write_vqa_questions(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", "val2014")  # beside train's
+    test = write_vqa_questions(tmp_path / "test" / "v2_OpenEnded_mscoco_test-dev2015_questions.json", "test-dev2015")
+    dm = ImageTextDataModule(train_files=train, val_files=val, test_files=test,
+                             source=VQAv2(cache_dir=str(tmp_path / "cache")))
+    capsys.readouterr()
+    dm.check_files()
+    dm.check_files()
+    lines = capsys.readouterr().out.splitlines()
+    annotations = tmp_path / "v2_mscoco_train2014_annotations.json"
+    assert lines == [
+        (f"val: no annotations with data_subtype=val2014 beside {val} (found train2014 in {annotations}): "
+         "its questions are answered but not scored"),
+        f"test: no annotations beside {test}: its questions are answered but not scored"]
+
+
+def test_vqav2_training_questions_without_their_subtypes_annotations_name_the_cause(tmp_path):
+    """Training questions whose only annotations beside them are another subtype's stop at the start, naming
+    what was found, not later as an answer vocabulary too small for ``answer_min_count``."""
+    from vlm.data.datamodule import ImageTextDataModule
+
+    train = write_vqa_questions(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json", "train2014")
+    other = tmp_path / "v2_mscoco_val2014_annotations.json"
+    other.write_text(json.dumps({"data_subtype": "val2014", "annotations": []}))
+    dm = ImageTextDataModule(train_files=train, source=VQAv2(cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(FileNotFoundError) as e:
+        dm.check_files()
+    assert str(e.value).startswith(f"train_files: no annotations with data_subtype=train2014 beside {train} "
+                                   f"(found val2014 in {other}): training needs its answers")
+    other.unlink()
+    dm = ImageTextDataModule(train_files=train, source=VQAv2(cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(FileNotFoundError, match=f"train_files: no annotations beside {re.escape(train)}: "):
+        dm.check_files()
+
+
 def test_vqa_answers_outside_the_vocabulary_are_counted_not_targets(tokenizer):
     from vlm.data.sample import Sample
 
@@ -107,9 +154,12 @@ def write_nlvr2(root):
     return str(root / "pairs.jsonl")
 
 
-def test_nlvr2_lines_pairs_and_bad_lines(tmp_path, tokenizer):
+@pytest.mark.parametrize("root", ["{split}", "", None], ids=["split_template", "plain_root", "default_root"])
+def test_nlvr2_lines_pairs_and_bad_lines(root, tmp_path, tokenizer):
+    """The root's split folder (dev/, train/) and a train line's directory come from the identifier and the
+    line, given a plain root, none (the json's folder) or a root with {split} in it."""
     files = write_nlvr2(tmp_path)
-    source = NLVR2(image_root=str(tmp_path / "{split}"), rows_per_shard=4)
+    source = NLVR2(image_root=None if root is None else str(tmp_path / root), rows_per_shard=4)
     assert len(source.shards(files, "val")) == 2
     batches, skipped = stream(source, files, NLVR2Collator(tokenizer, 24), split="val")
     assert skipped == {"bad_json": 1, "bad_label": 1, "missing_pair_image": 1, "missing_image": 1}
@@ -120,6 +170,33 @@ def test_nlvr2_lines_pairs_and_bad_lines(tmp_path, tokenizer):
     left, right = b.images[-1, :, 0, 0], b.images2[-1, :, 0, 0]
     assert left[2] > left[1] and right[1] > right[2]
     assert nlvr2_label(True) is True and nlvr2_label(" false ") is False and nlvr2_label(1) is None
+
+
+def test_nlvr2_flat_folders_and_directories_that_are_not_there(tmp_path):
+    """A root without split folders holds the images itself; a line's images not in its directory are read
+    from beside it; explicit image names are relative to the root."""
+    png(tmp_path / "flat" / "dev-1-0-img0.png")
+    png(tmp_path / "flat" / "dev-1-0-img1.png")
+    png(tmp_path / "flat" / "a.png")
+    png(tmp_path / "flat" / "b.png")
+    lines = [{"identifier": "dev-1-0-0", "sentence": "s.", "label": "True"},
+             {"identifier": "dev-1-0-1", "directory": "4", "sentence": "s.", "label": "False"},
+             {"identifier": "dev-2-0-0", "left_image": "a.png", "right_image": "b.png", "sentence": "s.", "label": "True"}]
+    (tmp_path / "dev.json").write_text("\n".join(json.dumps(line) for line in lines))
+    source = NLVR2(image_root=str(tmp_path / "flat"))
+    raw = [ex for shard in source.shards(str(tmp_path / "dev.json"), "val") for ex in source.read(shard)]
+    assert [ex.get("bad") for ex in raw] == [None, None, None]
+    assert [ex["image_path"] for ex in raw] == [str(tmp_path / "flat" / n) for n in
+                                                ("dev-1-0-img0.png", "dev-1-0-img0.png", "a.png")]
+
+
+def test_nlvr2_split_template_is_quoted_for_hydra_as_typed():
+    """``data.source.image_root=DIR/{split}_images`` (a shell has taken any quotes off) composes as written."""
+    from vlm.cli import compose_train, quote_brace_ranges
+
+    argv = quote_brace_ranges(["task=nlvr2", "data=nlvr2", "data.train_files=/d/train.json",
+                               "data.source.image_root=/d/{split}_images"])
+    assert compose_train(argv).data.source.image_root == "/d/{split}_images"
 
 
 def test_karpathy_retrieval_all_captions_and_an_entry_without(tmp_path, tokenizer):

@@ -1,7 +1,9 @@
-"""The downstream tasks: NLVR2's pair wiring, retrieval's negatives and rank head, VQA's loss and metric, and
-`python -m vlm.evaluate` on a fine-tuned checkpoint (predictions in EvalAI's format)."""
+"""The downstream tasks: NLVR2's pair wiring, retrieval's negatives and rank head, VQA's loss and metric,
+`python -m vlm.evaluate` on a fine-tuned checkpoint (predictions in EvalAI's format), and NLVR2's documented
+command on NLVR2's released layout."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, SMALL_DATA, compose_config
+from vlm.cli import quote_brace_ranges
 from vlm.data.collate import Batch
 from vlm.models.heads import ITMHead
 from vlm.train import build, train
@@ -154,3 +157,53 @@ def test_fine_tuning_starts_from_a_grid_pretraining_checkpoint(data_dir, tmp_pat
     assert torch.equal(task.model.blocks[0].attn.qkv.weight, state["model.blocks.0.attn.qkv.weight"])
     with pytest.raises(ConfigError, match="has a GridEmbedder, the model a PatchEmbedder: set model/embedder=grid"):
         built(data_dir, tmp_path / "patch", "vqa", "data.image_size=64", "data.max_size=96", f"model.init_from={ckpt}")
+
+
+def documented_command(yaml: str) -> str:
+    """The ``python -m vlm.train ...`` command a config's opening comment shows, its continuation lines joined."""
+    lines = [line[1:].strip() for line in (ROOT / yaml).read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("python -m vlm.train"))
+    command = []
+    for line in lines[start:]:
+        command.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            return " ".join(command)
+    raise AssertionError(f"{yaml}: the command's last line ends with a backslash")
+
+
+def write_nlvr2_release(root):
+    """NLVR2 as it ships: train.json / dev.json / test1.json, images/train/<directory>/, images/dev/, images/test1/."""
+    from PIL import Image
+
+    def pair(folder, prefix, k):
+        folder.mkdir(parents=True, exist_ok=True)
+        for side, color in enumerate([(200, 40 * k % 255, 30), (30, 60, 40 * k % 255)]):
+            Image.new("RGB", (48, 40), color).save(folder / f"{prefix}-img{side}.png")
+
+    for split, n in (("train", 6), ("dev", 4), ("test1", 4)):
+        lines = []
+        for k in range(n):
+            prefix = f"{split}-{100 + k}-0"
+            line = {"identifier": f"{prefix}-0", "sentence": f"the left image is redder {k}.", "label": str(k % 2 == 0)}
+            if split == "train":
+                line["directory"] = str(k % 3)
+            pair(root / "images" / split / line.get("directory", ""), prefix, k)
+            lines.append(json.dumps(line))
+        (root / f"{split}.json").write_text("\n".join(lines) + "\n")
+
+
+def test_nlvr2_documented_command_runs_as_written(tmp_path, capsys):
+    """conf/data/nlvr2.yaml's command, split into words as a shell splits it (quotes taken off) with DIR a
+    folder in NLVR2's released layout, composes and runs (debug=fdr) with no sample skipped."""
+    write_nlvr2_release(tmp_path / "nlvr2")
+    command = documented_command("conf/data/nlvr2.yaml").replace("DIR", str(tmp_path / "nlvr2"))
+    argv = quote_brace_ranges(shlex.split(command))
+    overrides = argv[argv.index("vlm.train") + 1:]
+    cfg = compose_config([*overrides, "debug=fdr", "logger=none", "trainer=cpu", "data.batch_size=2",
+                          "data.image_size=64", "data.max_size=96"],
+                         output_dir=str(tmp_path / "run"))
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "val/nlvr2_acc" in out and "test/nlvr2_acc" in out and "skipped 0 samples" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "complete" and "val/nlvr2_acc" in results["metrics"]

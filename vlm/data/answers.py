@@ -80,6 +80,8 @@ class AnswerVocab:
     def build(cls, answer_lists: Iterable[list[str]], min_count: int = 9) -> AnswerVocab:
         counts = Counter(normalize_answer(a) for answers in answer_lists for a in answers)
         kept = sorted((a for a, c in counts.items() if c >= min_count and a), key=lambda a: (-counts[a], a))
+        if not set(counts) - {""}:  # no answer at all: a lower min_count cannot help
+            raise ValueError("AnswerVocab: no question has answers")
         if not kept:
             raise ValueError(f"AnswerVocab: no answer is given {min_count} times or more (lower min_count)")
         return cls(kept)

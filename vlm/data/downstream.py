@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from math import ceil
 
 from datasets import load_dataset
+from lightning.pytorch.utilities import rank_zero_only
 
 from vlm.data.sources import Shard, Source, WebDataset, _TableSource, existing_files
 from vlm.data.synthetic import SHAPES, balanced_statement, layout, scene_jpeg
@@ -30,9 +31,10 @@ class VQAv2(_TableSource):
 
     The annotations of a questions file are the ``annotations`` file (or glob) with the same ``data_subtype``
     (default: any ``*annotations*.json`` beside it); a questions file none matches (test-dev, test) gives
-    questions without answers, for predictions. Images are at ``image_root/`` + ``image_pattern`` (default
-    root: the json's folder). A question whose answers are missing where its file has annotations is marked
-    ``missing_answers``.
+    questions without answers, for predictions: `shards` says so on one line for a val or test split, and stops
+    for a training split, naming the subtypes it found instead. Images are at ``image_root/`` + ``image_pattern``
+    (default root: the json's folder). A question whose answers are missing where its file has annotations is
+    marked ``missing_answers``.
     """
 
     def __init__(self, image_root: str | None = None, annotations: str | list[str] | None = None,
@@ -50,26 +52,50 @@ class VQAv2(_TableSource):
             return existing_files(self.annotations)
         return sorted(glob.glob(os.path.join(os.path.dirname(path), "*annotations*.json")))
 
+    def _answers(self, path: str, subtype) -> tuple[dict | None, str | None]:
+        """({question_id: annotation} of the questions file, None), or (None, why there are none)."""
+        files = self._annotation_files(path)
+        where = f"in {self.annotations}" if self.annotations is not None else f"beside {path}"
+        found = []
+        for ann_path in files:
+            with open(ann_path) as f:
+                ann = json.load(f)
+            other = ann.get("data_subtype") if isinstance(ann, dict) else None
+            if other == subtype and isinstance(ann.get("annotations"), list):
+                return {a["question_id"]: a for a in ann["annotations"]}, None
+            found.append(f"{other} without an 'annotations' list in {ann_path}" if other == subtype
+                         else f"{other} in {ann_path}")
+        if not found:
+            return None, f"no annotations {where}"
+        return None, f"no annotations with data_subtype={subtype} {where} (found {'; '.join(found)})"
+
     def _load(self, path: str, split: str) -> tuple:
         ds = load_dataset("json", data_files=path, field="questions", split="train", cache_dir=self.cache_dir)
         for column in ("question", "question_id", "image_id"):
             if column not in ds.column_names:
                 raise KeyError(f"{path}: questions have no {column!r} field: not a VQA questions file")
         subtype = _top_field(path, "data_subtype")
-        answers = None
-        for ann_path in self._annotation_files(path):
-            with open(ann_path) as f:
-                ann = json.load(f)
-            if ann.get("data_subtype") == subtype and "annotations" in ann:
-                answers = {a["question_id"]: a for a in ann["annotations"]}
-                break
-        self._meta[path] = (subtype, answers)
+        answers, why = self._answers(path, subtype)
+        self._meta[path] = (subtype, answers, why)
         return ds, list(range(len(ds)))
+
+    def shards(self, files, split: str) -> list[Shard]:
+        """The shards; a training file without answers stops here (a vocabulary of nothing could only be
+        reported as too high a ``min_count`` later), and a val / test file without is said once, on one line:
+        its questions are predicted, and nothing is scored for it."""
+        out = super().shards(files, split)
+        unscored = [why for f in existing_files(files) if (why := self._meta[f][2]) is not None]
+        if unscored and split == "train":
+            raise FileNotFoundError(f"{unscored[0]}: training needs its answers (data.source.annotations=FILE "
+                                    "names the annotations json)")
+        if unscored and rank_zero_only.rank == 0:
+            print(f"{split}: {'; '.join(unscored)}: its questions are answered but not scored", flush=True)
+        return out
 
     def read(self, shard: Shard) -> Iterator[dict]:
         root = self.image_root or os.path.dirname(shard.file)
         rows = list(self.rows(shard))
-        subtype, annotations = self._meta[shard.file]
+        subtype, annotations, _ = self._meta[shard.file]
         for q in rows:
             qid = q["question_id"]
             key = str(qid)
@@ -137,14 +163,27 @@ def nlvr2_label(value) -> bool | None:
 
 class NLVR2(JsonLines):
     """NLVR2's json lines (``identifier``, ``sentence``, ``label`` "True"/"False", and ``directory`` in train)
-    and its image folders: the pair of ``train-10171-0-0`` is ``train-10171-0-img0.png`` and ``...-img1.png``,
-    under ``image_root`` (``{split}`` in it is the identifier's split, e.g. ``images/{split}``; default: the
-    json's folder), in ``directory`` when the line has one. Explicit ``left_image`` / ``right_image`` paths
-    on a line (relative to the root) win. A line with one image or a label other than True/False is marked."""
+    and its image folders: the pair of ``train-10171-0-0`` is ``train-10171-0-img0.png`` and ``...-img1.png``.
+
+    As NLVR2 ships them, ``image_root`` (default: the json's folder) holds a folder per split, named as the
+    identifiers name it (``train/``, ``dev/``, ``test1/``), and a training line's images sit in its ``directory``
+    subfolder (``train/<0-99>/``): a plain root such as ``DIR/images`` is completed with both. A root without
+    the split's folder is the folder itself, and a line's images not in its ``directory`` are looked for beside
+    it, so that flat layouts read too. ``{split}`` in the root places the split's name elsewhere
+    (``DIR/{split}_images``). Explicit ``left_image`` / ``right_image`` paths on a line (relative to the root)
+    win. A line with one image or a label other than True/False is marked."""
 
     def __init__(self, image_root: str | None = None, rows_per_shard: int = 1000):
         super().__init__(rows_per_shard)
         self.image_root = image_root
+        self._split_dirs: dict[tuple[str, str], str] = {}
+
+    def _split_dir(self, root: str, split: str) -> str:
+        """``root/split`` where that folder exists, else ``root`` itself (checked once per root and split)."""
+        if (root, split) not in self._split_dirs:
+            folder = os.path.join(root, split)
+            self._split_dirs[(root, split)] = folder if split and os.path.isdir(folder) else root
+        return self._split_dirs[(root, split)]
 
     def example(self, record: dict, shard: Shard, line: int) -> dict:
         ident = record.get("identifier")
@@ -153,17 +192,26 @@ class NLVR2(JsonLines):
         if label is None:
             return {"key": key, "bad": "bad_label"}
         split = key.split("-", 1)[0]
-        root = (self.image_root or os.path.dirname(shard.file)).replace("{split}", split)
-        folder = os.path.join(root, str(record["directory"])) if record.get("directory") is not None else root
+        root = self.image_root or os.path.dirname(shard.file)
+        if "left_image" in record or "right_image" in record:
+            folders = [root.replace("{split}", split)]
+        else:
+            folder = root.replace("{split}", split) if "{split}" in root else self._split_dir(root, split)
+            directory = record.get("directory")
+            folders = ([os.path.join(folder, str(directory))] if directory is not None else []) + [folder]
         prefix = key.rsplit("-", 1)[0]
         left = record.get("left_image", f"{prefix}-img0.png" if ident is not None else None)
         right = record.get("right_image", f"{prefix}-img1.png" if ident is not None else None)
         if not left or not right:
             return {"key": key, "bad": "missing_pair_image"}
-        left, right = os.path.join(folder, left), os.path.join(folder, right)
-        if not os.path.exists(left) or not os.path.exists(right):
-            return {"key": key, "bad": "missing_pair_image" if os.path.exists(left) or os.path.exists(right)
-                    else "missing_image"}
+        for folder in folders:  # the first folder holding either image is the pair's
+            paths = [os.path.join(folder, left), os.path.join(folder, right)]
+            there = [os.path.exists(path) for path in paths]
+            if any(there):
+                break
+        if not all(there):
+            return {"key": key, "bad": "missing_pair_image" if any(there) else "missing_image"}
+        left, right = paths
         return {"key": key, "image_path": left, "image2_path": right, "text": sentence,
                 "extra": {"label": label, "identifier": key}}
 
