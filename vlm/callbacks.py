@@ -4,17 +4,25 @@ only figures it computed."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import time
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 import lightning as L
+import numpy as np
+import torch
+from annotated_types import Gt, Interval
 from lightning.pytorch import callbacks
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
+from omegaconf import DictConfig, OmegaConf
 from rich import get_console
 from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 
 class Throughput(L.Callback):
@@ -45,7 +53,9 @@ class Throughput(L.Callback):
         if trainer.sanity_checking or self._fit_start is None or trainer.state.fn != "fit":
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        self.history.append({"step": trainer.global_step, "elapsed_s": time.perf_counter() - self._fit_start, **metrics})
+        budget = Budget.of(trainer)
+        self.history.append({"step": trainer.global_step, "elapsed_s": time.perf_counter() - self._fit_start,
+                             **(budget.logged() if budget else {}), **metrics})
 
     @staticmethod
     def history_of(trainer: L.Trainer) -> list[dict]:
@@ -59,6 +69,150 @@ class Throughput(L.Callback):
         if self._fit_start is not None:
             out["time/fit_s"] = time.perf_counter() - self._fit_start
         return out
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the operations run inside it, by `torch.utils.flop_counter`'s formulas (matmuls, convolutions,
+    attention); unlike its FlopCounterMode, no per-module bookkeeping, so a counted step costs less."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def lightning_trainer(trainer_cfg: DictConfig) -> dict:
+    """The ``trainer`` node, resolved where it stands, less the keys `Budget` reads (``budget``, ``val_points``),
+    which Lightning's Trainer does not take."""
+    node = OmegaConf.to_container(trainer_cfg, resolve=True)
+    return {k: v for k, v in node.items() if k not in ("budget", "val_points")}
+
+
+class Budget(L.Callback):
+    """What training has cost so far, and a stop when a budget is spent, so arms compare at equal compute.
+
+    Counts, over training steps only: FLOPs (`FlopCount` on the real step: forward, backward, every pass the
+    task makes), samples and seconds. A step's FLOPs depend on its batch's shapes, so they are
+    counted on the first step of each shape and reused (with packing, the real token count, in 2% buckets, is
+    part of the shape). The run stops at the end of the first optimiser step that reaches ``flops``, ``samples``
+    or ``minutes`` (or ``trainer.max_steps``), and validates there. ``val_points``: validations at that many
+    points log-spaced over the run's progress (the largest share of any budget or of max_steps spent), the last at
+    its end, so every run is a curve; None leaves validation to ``trainer.val_check_interval``. A schedule whose
+    factor object has a ``progress`` attribute (`vlm.tasks.optim.WarmupLinear`) follows the same progress, so a
+    run stopped by a budget ends its learning-rate decay there."""
+
+    def __init__(self, flops: Annotated[float, Gt(0)] | None = None, samples: Annotated[int, Gt(0)] | None = None,
+                 minutes: Annotated[float, Gt(0)] | None = None, val_points: Annotated[int, Gt(0)] | None = None,
+                 first_point: Annotated[float, Interval(gt=0, le=1)] = 0.05):
+        self.limits = {"flops": flops, "samples": samples, "seconds": minutes * 60 if minutes else None}
+        self.points = np.geomspace(first_point, 1.0, val_points).tolist() if val_points else []
+        self.spent = {"flops": 0.0, "samples": 0, "seconds": 0.0}
+        self._flops_of: dict[tuple, float] = {}
+        self._counter = self._key = self._t0 = None
+        self._next_point = 0
+        self._slowest = 0.0
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in self.limits.values())
+
+    def progress(self, trainer) -> float:
+        shares = [self.spent[k] / v for k, v in self.limits.items() if v]
+        if trainer.max_steps and trainer.max_steps > 0:
+            shares.append(trainer.global_step / trainer.max_steps)
+        return max(shares, default=0.0)
+
+    def _shape_key(self, pl_module, batch) -> tuple:
+        key = tuple((f.name, tuple(v.shape)) for f in dataclasses.fields(batch)
+                    if isinstance(v := getattr(batch, f.name), torch.Tensor))
+        packing = getattr(getattr(pl_module, "model", None), "packing", None)
+        if packing is not None and packing.enabled:  # packed rows follow the real tokens, not the padded shapes
+            real = int(batch.pixel_mask.sum()) + (int(batch.attention_mask.sum()) if batch.attention_mask is not None else 0)
+            key += (round(math.log(max(real, 1)) / math.log(1.02)),)
+        return key
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.points:  # Lightning validates on its own interval; here at the points instead (and wherever it stops)
+            loop = trainer.fit_loop.epoch_loop
+            lightning_says = loop._should_check_val_fx
+
+            def should_check_val(data_fetcher) -> bool:
+                if loop._should_accumulate() or self._next_point >= len(self.points):
+                    return lightning_says(data_fetcher) if trainer.should_stop else False
+                if self.progress(trainer) + 1e-9 >= self.points[self._next_point]:
+                    while self._next_point < len(self.points) and self.progress(trainer) + 1e-9 >= self.points[self._next_point]:
+                        self._next_point += 1
+                    return True
+                return lightning_says(data_fetcher) if trainer.should_stop else False
+
+            loop._should_check_val_fx = should_check_val
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._key = self._shape_key(pl_module, batch)
+        if self._key not in self._flops_of:
+            self._counter = FlopCount()
+            self._counter.__enter__()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._flops_of[self._key] = float(self._counter.total)
+            self._counter = None
+        took = time.perf_counter() - self._t0
+        self.spent["seconds"] += took
+        self._slowest = max(self._slowest, took)
+        self.spent["flops"] += self._flops_of[self._key] * trainer.world_size  # every rank runs a step alike
+        self.spent["samples"] += len(batch) * trainer.world_size
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        progress = self.progress(trainer)
+        for config in trainer.lr_scheduler_configs:
+            for factor in getattr(config.scheduler, "lr_lambdas", []):
+                if hasattr(factor, "progress") and self.active:
+                    factor.progress = progress
+        spent = any(v is not None and self.spent[k] >= v for k, v in self.limits.items())
+        if trainer.strategy.reduce_boolean_decision(spent, all=False):
+            trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        for lg in trainer.loggers:
+            lg.log_metrics(self.logged(), step=trainer.global_step)
+
+    def logged(self) -> dict[str, float]:
+        return {f"budget/{k}": float(v) for k, v in self.spent.items()}
+
+    def report(self) -> dict:
+        """For results.json: what was spent, the limits, the FLOPs of one training batch (least, most) and the
+        slowest batch's seconds."""
+        steps = self._flops_of.values()
+        return {"spent": dict(self.spent), "limits": dict(self.limits),
+                "batch_flops": [min(steps), max(steps)] if steps else None, "slowest_batch_s": self._slowest}
+
+    @staticmethod
+    def of(trainer) -> Budget | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, Budget)), None)
+
+    def state_dict(self) -> dict:
+        return {"spent": dict(self.spent), "next_point": self._next_point}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.spent.update(state_dict.get("spent", {}))
+        self._next_point = state_dict.get("next_point", 0)
 
 
 class ModelSummary(RichModelSummary):

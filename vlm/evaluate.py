@@ -16,6 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vlm.callbacks import lightning_trainer
 from vlm.cli import CONF_DIR, quote_brace_ranges
 from vlm.config import building, check, reported
 from vlm.errors import ConfigError
@@ -69,7 +70,7 @@ def build(cfg: DictConfig):
         with open_dict(model_node):
             model_node.init_from = cfg.ckpt_path
         task = build_task(task_node, model_node, dm)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer = instantiate(lightning_trainer(cfg.trainer), logger=False, callbacks=[], enable_checkpointing=False)
     return dm, task, trainer
 
 

@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.callbacks import CheckpointOnSignal, Throughput
+from vlm.callbacks import Budget, CheckpointOnSignal, Throughput, lightning_trainer
 from vlm.cli import CONF_DIR, quote_brace_ranges
 from vlm.config import building, check, check_run, devices_of, reported
-from vlm.errors import TrainingError
+from vlm.errors import ConfigError, TrainingError
 from vlm.loggers import chatter_to_log_file, close_loggers, say_where_wandb_logs
 from vlm.precision import say_precision
 from vlm.report import print_metrics, print_skipped
@@ -57,8 +57,13 @@ def build(cfg: DictConfig):
     # an entry set to null is switched off: callbacks.progress_bar=null, logger.csv=null
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, accumulate_grad_batches=accumulate,
-                          val_check_interval=cfg.trainer.val_check_interval * accumulate)  # steps, not micro-batches
+    budget = next((c for c in callbacks if isinstance(c, Budget)), None)
+    if budget is None and (any(v is not None for v in (cfg.trainer.get("budget") or {}).values()) or cfg.trainer.get("val_points")):
+        raise ConfigError("trainer.budget / trainer.val_points: need the budget callback (callbacks.budget is null)")
+    every = cfg.trainer.val_check_interval * accumulate  # steps, not micro-batches
+    trainer = instantiate(lightning_trainer(cfg.trainer),
+                          logger=loggers or False, callbacks=callbacks, accumulate_grad_batches=accumulate,
+                          val_check_interval=every if not (budget and budget.points) else 10**12)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return dm, task, trainer
@@ -102,8 +107,10 @@ def fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
             print_skipped(skipped)
         for lg in trainer.loggers:
             lg.log_metrics({**metrics, **summary}, step=trainer.global_step)
+        budget = Budget.of(trainer)
         results.update(status="complete", steps=trainer.global_step, precision=str(trainer.precision),
                        metrics=metrics, summary=summary, history=Throughput.history_of(trainer),
+                       budget=budget.report() if budget else None,
                        skipped={k: dict(v) for k, v in skipped.items()})
     except BaseException as e:  # a signal's stop (SIGTERM, a launcher's requeue): last.ckpt saved, the same command resumes
         if isinstance(e, SIGTERMException) or CheckpointOnSignal.stopped(trainer):

@@ -21,7 +21,8 @@ from vlm.models import weights
 from vlm.tasks.optim import make_optimizer, warmup_linear
 
 # config keys `build_task` fills in or reads itself, not the classes they sit under (the check leaves them to it)
-HANDLED = frozenset({"model.vocab_size", "model.init_from", "task.collate", "task.answers"})
+HANDLED = frozenset({"model.vocab_size", "model.init_from", "task.collate", "task.answers", "trainer.budget",
+                     "trainer.val_points"})
 
 
 class VLTaskModule(L.LightningModule):
@@ -139,6 +140,8 @@ class VLTaskModule(L.LightningModule):
                              "python": {"version": version, "state": list(state), "gauss": gauss}}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        # what an export needs beside the weights: the heads' class labels, the run's tokenizer and image transform
+        checkpoint.update(weights.export_entries(self, self.trainer.datamodule))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         import random

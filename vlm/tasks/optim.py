@@ -40,12 +40,17 @@ def make_optimizer(factory: partial, model: nn.Module, lr_mults: dict[str, float
 class WarmupLinear:
     """The learning-rate factor at a step: linear warm-up over ``warmup`` steps, then linear decay to
     ``end_lr_ratio`` at step ``total``. An object, not a closure, so that `LambdaLR` saves its horizon in the
-    checkpoint and a resumed run can be checked against it (`vlm.resume`)."""
+    checkpoint and a resumed run can be checked against it (`vlm.resume`). ``progress``, when a budget sets it
+    (`vlm.callbacks.Budget`: the share of the run's budget spent), stands for ``step / total``, so the schedule
+    ends where the budget does."""
 
     def __init__(self, warmup: int, total: int, end_lr_ratio: float = 0.0):
         self.warmup, self.total, self.end_lr_ratio = warmup, total, end_lr_ratio
+        self.progress: float | None = None
 
     def __call__(self, step: int) -> float:
+        if self.progress is not None:
+            step = self.progress * self.total
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
