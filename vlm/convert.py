@@ -3,10 +3,13 @@
     python -m vlm.convert --from-hf DIR --out CKPT          a transformers ViLT directory (ViltModel, ViltFor*)
     python -m vlm.convert --from-original CKPT --out CKPT   an original dandelin/ViLT checkpoint
     python -m vlm.convert --from-vit FILE --out CKPT        a timm ViT state dict (how the paper initialises)
-    python -m vlm.convert --from CKPT --to-hf DIR           ours (or any of the above) as a transformers directory
+    python -m vlm.convert --from CKPT --to-hf DIR           ours (or any of the above, or a run folder) as a
+                                                            transformers directory
 
 A checkpoint written with --out starts training: python -m vlm.train model.init_from=CKPT. The format is
-described in vlm/models/weights/format.py.
+described in vlm/models/weights/format.py. --to-hf writes what transformers' ViltProcessor and ViltFor* read:
+the weights and config (a classifier's classes as id2label: VQA's answers), the run's tokenizer and an image
+processor of its resize and normalisation, as far as the checkpoint records them (a training checkpoint does).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 
 from vlm.models import weights
-from vlm.models.weights.files import state_dict_of
+from vlm.models.weights.files import PickledFile, state_dict_of
 from vlm.models.weights.original import original_checkpoint
 from vlm.models.weights.vit import vit_checkpoint
 
@@ -26,7 +29,7 @@ def read(args: argparse.Namespace) -> weights.Checkpoint:
     if args.from_hf:
         if not Path(args.from_hf).is_dir():
             raise FileNotFoundError(f"--from-hf {args.from_hf}: not a directory")
-        ckpt = weights.hf_checkpoint(args.from_hf)
+        ckpt = weights.hf_checkpoint(args.from_hf, trust_pickle=args.trust_pickle)
     elif args.from_original:
         obj = weights.load_file(args.from_original, args.trust_pickle)
         if not isinstance(obj, dict) or "state_dict" not in obj:
@@ -50,7 +53,8 @@ def describe(ckpt: weights.Checkpoint) -> str:
     n = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("model."))
     arch = (f"{cfg.get('num_layers')} layers x {cfg.get('hidden_size')}, {cfg.get('num_heads') or '?'} heads, "
             f"patch {emb.get('patch_size')} for {emb.get('image_size')}px, vocabulary {cfg.get('vocab_size', '-')}")
-    heads = ", ".join(ckpt["heads"]) or "none"
+    heads = ", ".join(f"{name} ({len(node['labels'])} labels)" if node.get("labels") else name
+                      for name, node in ckpt["heads"].items()) or "none"
     return f"{ckpt['source']} checkpoint: {arch}; {n:,} model parameters; heads: {heads}"
 
 
@@ -66,11 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--to-hf", metavar="DIR", help="write a transformers ViLT directory here")
     p.add_argument("--head", help="the head --to-hf exports (mlm_score, vqa_classifier, nlvr2_classifier, "
                                   "rank_output; none: ViltModel); default: the only one transformers can hold")
+    p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer --to-hf writes (a directory, or a locally cached "
+                                                      "name); default: the one the checkpoint keeps")
     p.add_argument("--num-heads", type=int, help="attention heads, for files that do not record them")
     p.add_argument("--trust-pickle", action="store_true", help="let torch.load run pickled objects (trusted files only)")
     args = p.parse_args(argv)
     if not (args.out or args.to_hf):
         p.error("nothing to write: give --out CKPT and/or --to-hf DIR")
+    if args.tokenizer and not args.to_hf:
+        p.error("--tokenizer is what --to-hf writes: give --to-hf DIR")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the weights' notes: resizes, heads left out
     try:
         ckpt = read(args)
@@ -88,8 +96,17 @@ def main(argv: list[str] | None = None) -> None:
             if head == "none":
                 ckpt = {**ckpt, "heads": {}}
             hf = weights.hf_model(ckpt, None if head == "none" else head)
+            wrote, notes = weights.save_processor(ckpt, args.to_hf, args.tokenizer)
             hf.save_pretrained(args.to_hf)
-            print(f"wrote {args.to_hf} ({type(hf).__name__})")
+            node = ckpt["heads"].get(weights.hf_head_name(hf)) or {}
+            labels = [f"id2label: {len(node['labels'])} classes"] if node.get("labels") else []
+            print(f"wrote {args.to_hf} ({'; '.join([type(hf).__name__, *labels, *wrote])})")
+            for note in notes:
+                print(f"  {note}")
+    except PickledFile as e:
+        print(f"vlm.convert: error: {e.advise('if you trust it, add --trust-pickle (its pickled code then runs)')}",
+              file=sys.stderr)
+        sys.exit(2)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"vlm.convert: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,7 @@ from vlm.callbacks import lightning_trainer
 from vlm.cli import CONF_DIR, quote_brace_ranges
 from vlm.config import building, check, reported
 from vlm.errors import ConfigError
-from vlm.models.weights.files import load_file
+from vlm.models.weights.load import CONVERT_ONCE, PickledFile, load_file
 from vlm.precision import say_precision
 from vlm.report import print_metrics, print_skipped
 from vlm.tasks.base import HANDLED, build_task
@@ -32,6 +32,8 @@ def training_checkpoint(path: str) -> dict | None:
     """A Lightning checkpoint of one of our runs (its whole task state and hyper-parameters), else None."""
     try:
         obj = load_file(path)
+    except PickledFile as e:
+        raise ConfigError(f"ckpt_path: {e.advise(f'{CONVERT_ONCE}, then evaluate ckpt_path=CKPT')}") from None
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"ckpt_path: {e}") from None
     if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:

@@ -13,7 +13,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.errors import ConfigError
-from vlm.models.weights import load_file
+from vlm.models.weights import PickledFile, load_file
+
+# a resume restores the whole training state, which only a file torch loads safely gives; the weights can start anew
+RESUME_ADVICE = ("a run resumes only from a checkpoint torch loads safely; if you trust it, start anew from its weights: "
+                 "python -m vlm.convert --from {source} --trust-pickle --out CKPT, then model.init_from=CKPT")
 
 
 def read_training_checkpoint(path: str) -> dict:
@@ -22,6 +26,8 @@ def read_training_checkpoint(path: str) -> dict:
         raise ConfigError(f"ckpt_path={path}: no such file")
     try:
         ckpt = load_file(path)
+    except PickledFile as e:
+        raise ConfigError(f"ckpt_path={e.advise(RESUME_ADVICE)}") from None
     except ValueError as e:
         raise ConfigError(f"ckpt_path={e}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:

@@ -399,3 +399,17 @@ def test_init_from_reads_every_source(tmp_path):
         model = started(instantiate({**cfg, "layer_norm_eps": eps}), tmp_path / source)
         for k, v in expect.state_dict().items():
             assert torch.equal(model.state_dict()[k], v), (source, k)
+
+
+def test_the_pickle_refusal_keeps_torchs_reason_whole(tmp_path):
+    """torch's reason for refusing a pickled object, whole and on one line: not cut mid-word, no terminal escapes."""
+    import argparse
+
+    from vlm.models.weights import PickledFile, load_file
+
+    torch.save({"weights": torch.zeros(2), "args": argparse.Namespace(lr=1)}, tmp_path / "x.pt")
+    with pytest.raises(PickledFile) as e:
+        load_file(tmp_path / "x.pt")
+    assert "(Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default); " in str(e.value)
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
+    assert load_file(tmp_path / "x.pt", trust_pickle=True)["args"].lr == 1

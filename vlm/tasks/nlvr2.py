@@ -31,7 +31,7 @@ class NLVR2LitModule(VLTaskModule):
         super().__init__(optimizer, scheduler, lr_mults, test_split)
         self.model = model
         self.second_type = model.add_modality_type() if model.token_type_embeddings.num_embeddings < 3 else 2
-        self.nlvr2_classifier = NLVR2Head(model.hidden_size)
+        self.nlvr2_classifier = NLVR2Head(model.hidden_size, labels=["False", "True"])  # 1: the statement holds
         self.nlvr2_classifier.apply(init_weights)
         self.metrics = nn.ModuleDict({split: nn.ModuleDict({"acc": MulticlassAccuracy(2, average="micro"),
                                                             "majority": MajorityBaseline(2), "loss": MeanMetric()})

@@ -1,78 +1,47 @@
-"""Reading weights files: one ``torch.load`` policy for every caller, and each known file as our checkpoint.
-
-The policy: ``.safetensors`` through safetensors; anything else through ``torch.load(weights_only=True)``,
-memory-mapped where the file is a zip, so no pickled code runs unless the user says the file is trusted.
-"""
+"""Each known weights file as our checkpoint, every file read through one ``torch.load`` policy (`load`)."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor
 
-from vlm.models.weights.format import FORMAT, PATCH, Checkpoint, build, heads_in, load_into, log, meta_module, vilt_config
+from vlm.models.weights.format import (
+    FORMAT,
+    PATCH,
+    Checkpoint,
+    build,
+    heads_in,
+    load_into,
+    log,
+    meta_module,
+    vilt_config,
+)
 from vlm.models.weights.hf import hf_checkpoint
+from vlm.models.weights.load import CONVERT_ONCE, PickledFile, load_file, state_dict_of
 from vlm.models.weights.original import original_checkpoint
 from vlm.models.weights.vit import vit_checkpoint
-
-
-def load_file(path: str | Path, trust_pickle: bool = False) -> Any:
-    """What a weights file holds. Raises FileNotFoundError, or ValueError for a file torch cannot read safely."""
-    import torch
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as load_safetensors
-
-        return load_safetensors(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch writes a zip archive (an old torch, a bare pickle)
-        what = "an empty file" if not head else f"it starts with {head!r}"
-        raise ValueError(f"{path}: not a weights file: neither a torch file nor .safetensors ({what})")
-    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: a torch file cut short (its zip archive has no end: a write that was interrupted, "
-                         "or a partial copy)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
-    except pickle.UnpicklingError as e:
-        if not trust_pickle:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: holds pickled Python objects torch will not load safely ({first[:120]}); "
-                             "if you trust the file: python -m vlm.convert --trust-pickle ...") from None
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {first[:120]})") from None
-
-
-def state_dict_of(obj: Any) -> dict[str, Tensor]:
-    """The state dict inside what `load_file` returned: a Lightning checkpoint's, a ``{"model": ...}`` wrapper's,
-    or the object itself."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"holds a {type(obj).__name__}, not a state dict")
-    return obj.get("state_dict", obj.get("model", obj))
 
 
 def read_checkpoint(path: str | Path, num_heads: int | None = None, trust_pickle: bool = False) -> Checkpoint:
     """Any checkpoint this package knows, as our checkpoint.
 
-    ``path``: a ``transformers`` ViLT directory; or a file holding our checkpoint, a training checkpoint of
-    ours, an original ViLT checkpoint, or a timm ViT state dict (``.safetensors`` too). ``num_heads``: for
-    files that do not record it. ``trust_pickle``: let ``torch.load`` run the pickled Python objects some
-    Lightning checkpoints hold (only for files you trust).
+    ``path``: a ``transformers`` ViLT directory; a run folder of ours (its ``checkpoints/last.ckpt``); or a file
+    holding our checkpoint, a training checkpoint of ours, an original ViLT checkpoint, or a timm ViT state dict
+    (``.safetensors`` too). ``num_heads``: for files that do not record it. ``trust_pickle``: let ``torch.load``
+    run the pickled Python objects some Lightning checkpoints hold (only for files you trust).
     """
     p = Path(path).expanduser()
-    if p.is_dir():
-        return hf_checkpoint(p)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    obj = load_file(p, trust_pickle)
+    try:
+        if p.is_dir() and (p / "config.json").is_file():
+            return hf_checkpoint(p, trust_pickle=trust_pickle)
+        if p.is_dir():
+            p = run_folder_checkpoint(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        obj = load_file(p, trust_pickle)
+    except PickledFile as e:  # model.init_from reads it here (vlm.convert says its own)
+        raise e.advise(f"{CONVERT_ONCE}, and start from CKPT (model.init_from=CKPT)", source=path) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a checkpoint")
     if "format" in obj:
@@ -90,6 +59,21 @@ def read_checkpoint(path: str | Path, num_heads: int | None = None, trust_pickle
         f"{path}: not a checkpoint this project reads (ours, a training run's, a transformers ViLT directory, "
         "an original ViLT .ckpt or a timm ViT state dict)"
     )
+
+
+def run_folder_checkpoint(folder: Path) -> Path:
+    """The checkpoint a run folder stands for: its ``checkpoints/last.ckpt``. A directory that is neither a run
+    folder nor a transformers model, or a run folder with no last checkpoint, is a FileNotFoundError saying so."""
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    if not ((folder / "checkpoints").is_dir() or (folder / ".hydra").is_dir()):
+        raise FileNotFoundError(f"{folder}: a directory that is neither a transformers ViLT (no config.json) nor a run "
+                                "folder (no checkpoints/last.ckpt)")
+    others = sorted(q.name for q in (folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else []
+    held = f" (it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}: name one)" if others else \
+        " (the run wrote no checkpoint)"
+    raise FileNotFoundError(f"{folder}: a run folder with no checkpoints/last.ckpt{held}")
 
 
 def run_config(ckpt_path: str | Path) -> Path | None:
@@ -115,8 +99,9 @@ def run_checkpoint(path: Path, obj: dict) -> Checkpoint:
     was trained with (unknown: the weights alone, which is enough for ``model.init_from``)."""
     state = {k: v for k, v in state_dict_of(obj).items() if isinstance(v, Tensor)}
     node = run_model_node(path, obj)
+    inputs = {"inputs": obj["inputs"]} if obj.get("inputs") else {}
     if node is None:
-        return {"format": FORMAT, "source": "vlm", "config": None, "heads": {}, "state_dict": state}
+        return {"format": FORMAT, "source": "vlm", "config": None, "heads": {}, "state_dict": state, **inputs}
     node["vocab_size"] = node.get("vocab_size") or state["model.text_embeddings.word_embeddings.weight"].shape[0]
     node.pop("init_from", None)  # read by the task factory, not the model
     try:
@@ -126,11 +111,20 @@ def run_checkpoint(path: Path, obj: dict) -> Checkpoint:
     if cfg["embedder"]["_target_"] != PATCH:  # read off the modules for patches only: the run's own node for others
         cfg["embedder"] = {**node["embedder"], "hidden_size": cfg["hidden_size"]}
     heads = heads_in(state, cfg["hidden_size"], cfg["vocab_size"], cfg["text_layer_norm_eps"])
+    labels = dict(obj.get("labels") or {})
+    answers = (obj.get("hyper_parameters") or {}).get("answers")
+    if answers and "vqa_classifier" not in labels:  # checkpoints written before labels were kept: VQA's argument
+        labels["vqa_classifier"] = answers
+    for name, names in labels.items():
+        if name in heads and "num_labels" in heads[name]:
+            if len(names) != heads[name]["num_labels"]:
+                raise ValueError(f"{path}: {len(names)} labels for the {heads[name]['num_labels']} classes of {name}")
+            heads[name]["labels"] = [str(n) for n in names]
     kept = {k: v for k, v in state.items() if k.split(".", 1)[0] in ("model", *heads)}
     left = sorted({k.split(".", 1)[0] for k in state} - {"model", *heads})
     if left:
         log.info("%s: left out %s (not a ViLT head this format holds)", path, ", ".join(left))
-    return {"format": FORMAT, "source": "vlm", "config": cfg, "heads": heads, "state_dict": kept}
+    return {"format": FORMAT, "source": "vlm", "config": cfg, "heads": heads, "state_dict": kept, **inputs}
 
 
 def from_original_vilt(source, num_heads: int | None = None, trust_pickle: bool = False):

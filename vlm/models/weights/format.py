@@ -5,7 +5,9 @@
      "config": {"_target_": "vlm.models.vilt.ViLT", ...,   the model node, as in conf/model/*.yaml, the
                 "embedder": {"_target_": ..., ...}},       embedder's under "embedder"; None = not known
      "heads": {"mlm_score": {"_target_": ..., ...}, ...},  one node per task head in the file
-     "state_dict": {"model.<ViLT key>": ..., "<head>.<key>": ...}}
+     "state_dict": {"model.<ViLT key>": ..., "<head>.<key>": ...},
+     "inputs": {"tokenizer": {"<file name>": bytes, ...},  optional: what turns images and text into the
+                "image": {"image_size": ..., ...}}}        model's inputs (`vlm.models.weights.inputs`)
 
 The state-dict keys are our LightningModules' (``model.*``, ``itm_score.*``, ``mlm_score.*``), so a training
 run's checkpoint reads the same way. The model node is made by `vilt_node` and every head node by `head_node`,
@@ -42,7 +44,7 @@ HEAD_NAMES = tuple(HEADS)
 # table is resized; modality types may be added: new rows start from the image row, as ViLT's NLVR2)
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio", "max_text_len",
                 "layer_norm_eps", "text_layer_norm_eps", "qkv_bias")
-EMBEDDER_ARCHITECTURE = ("patch_size", "in_chans")
+EMBEDDER_ARCHITECTURE = ("patch_size", "in_chans", "positions")
 NOT_IN_VIT = ("text_embeddings.", "token_type_embeddings.", "pooler.")  # what a ViT cannot initialise
 
 Checkpoint = dict[str, Any]
@@ -51,7 +53,8 @@ Checkpoint = dict[str, Any]
 def vilt_node(*, hidden_size: int, num_layers: int, num_heads: int | None, mlp_ratio: float, patch_size: int,
               image_size: int, vocab_size: int | None = None, max_text_len: int | None = None, dropout: float = 0.0,
               layer_norm_eps: float = 1e-6, text_layer_norm_eps: float | None = None, qkv_bias: bool = True,
-              num_modality_types: int | None = None, max_tokens: int = -1, in_chans: int = 3) -> dict[str, Any]:
+              num_modality_types: int | None = None, max_tokens: int = -1, in_chans: int = 3,
+              positions: str = "vit") -> dict[str, Any]:
     """The model node (as in conf/model/*.yaml, patch embedder) of a ViLT architecture: the one place it is made.
     Entries a source cannot tell are None."""
     return {
@@ -60,7 +63,7 @@ def vilt_node(*, hidden_size: int, num_layers: int, num_heads: int | None, mlp_r
         "layer_norm_eps": layer_norm_eps, "text_layer_norm_eps": text_layer_norm_eps, "qkv_bias": qkv_bias,
         "num_modality_types": num_modality_types,
         "embedder": {"_target_": PATCH, "hidden_size": hidden_size, "patch_size": patch_size, "image_size": image_size,
-                     "max_tokens": max_tokens, "in_chans": in_chans},
+                     "max_tokens": max_tokens, "in_chans": in_chans, "positions": positions},
     }
 
 
@@ -97,7 +100,10 @@ def vilt_config(model: nn.Module) -> dict[str, Any]:
         layer_norm_eps=model.norm.eps, text_layer_norm_eps=model.text_embeddings.LayerNorm.eps,
         qkv_bias=block.attn.qkv.bias is not None, num_modality_types=model.token_type_embeddings.num_embeddings,
         max_tokens=emb.max_tokens, in_chans=emb.proj.in_channels if patch else 3,
+        positions=emb.positions if patch else "vit",
     )
+    if patch and emb.positions == "factorised":
+        node["embedder"]["max_grid"] = emb.rows_cols.rows.num_embeddings
     if not patch:
         node["embedder"] = {"_target_": f"{type(emb).__module__}.{type(emb).__name__}"}
     return node
@@ -288,7 +294,7 @@ def _check_architecture(model: nn.Module, cfg: Mapping[str, Any], origin: str) -
                          f"set model/embedder={name}")
     pairs += [(k, emb.get(k), own["embedder"].get(k), f"model.embedder.{k}") for k in EMBEDDER_ARCHITECTURE]
     for key, want, have, where in pairs:
-        if want is None:
+        if want is None or have is None:  # not recorded, or not read off this embedder (its weights' shapes tell)
             continue
         same = math.isclose(want, have, rel_tol=1e-9) if isinstance(want, float) else want == have
         if not same:

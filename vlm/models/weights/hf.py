@@ -31,6 +31,7 @@ from vlm.models.weights.format import (
     take,
     vilt_node,
 )
+from vlm.models.weights.load import CONVERT_ONCE, PickledFile, load_file, state_dict_of
 
 log = logging.getLogger("vlm.models.weights")
 
@@ -48,6 +49,9 @@ _HF_MODEL = [
     (r"norm\.", "layernorm."),
     (r"pooler\.", "pooler."),
 ]
+FACTORISED = ("transformers' ViLT resizes ViT's position table to each image, and this model learned row and column "
+              "tables instead (model.embedder.positions=factorised): it cannot be exported to the transformers layout "
+              "(--out CKPT keeps it in ours)")
 _HF_QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
 # transformers task class -> (our head name, renames of its keys)
 _HF_TASKS = {
@@ -86,6 +90,8 @@ def hf_config(cfg: Mapping[str, Any], head: Mapping[str, Any] | None = None):
     e = cfg["embedder"]
     if e.get("_target_", PATCH) != PATCH:
         raise ValueError(f"transformers' ViLT has the patch embedder only; this model has a {e['_target_'].rsplit('.', 1)[-1]}")
+    if e.get("positions", "vit") != "vit":
+        raise ValueError(FACTORISED)
     eps = {"layer_norm_eps": cfg["layer_norm_eps"], "text_layer_norm_eps": cfg["text_layer_norm_eps"]}
     if head is not None and "eps" in head:
         eps["MLM head eps"] = head["eps"]
@@ -129,13 +135,14 @@ def _hf_names(key: str) -> list[str]:
     return [rename(key, _HF_MODEL)]
 
 
-def hf_checkpoint(source, config=None) -> Checkpoint:
+def hf_checkpoint(source, config=None, trust_pickle: bool = False) -> Checkpoint:
     """Our checkpoint of a ``transformers`` ViLT: a ``ViltModel`` / ``ViltFor*`` instance, a directory it was
-    saved to, or its state dict (then with its ``config``)."""
+    saved to, or its state dict (then with its ``config``). ``trust_pickle``: for a directory whose weights are a
+    pickled ``pytorch_model.bin`` (`vlm.models.weights.load.load_file`)."""
     from transformers import PreTrainedModel
 
     if isinstance(source, (str, Path)):
-        source = _load_hf_dir(Path(source))
+        source = _load_hf_dir(Path(source), trust_pickle)
     if isinstance(source, PreTrainedModel):
         config, arch, state = source.config, type(source).__name__, source.state_dict()
     elif config is None:
@@ -175,6 +182,8 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
     if not cfg:
         raise ValueError("the checkpoint does not record its architecture (a training checkpoint without its run's "
                          ".hydra/config.yaml beside checkpoints/): convert it through a model of known config")
+    if "model.embedder.cls_pos" in ckpt["state_dict"]:  # written before configs recorded the positions
+        raise ValueError(FACTORISED)
     classes = {name: arch for arch, (name, _) in _HF_TASKS.items()}
     exportable = [n for n in ckpt["heads"] if n in classes]
     if head is None:
@@ -207,6 +216,11 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
     if missing or unexpected:
         raise ValueError(f"{arch}: missing {few(missing)}; unexpected {few(unexpected)}")
     return hf.eval()
+
+
+def hf_head_name(hf) -> str | None:
+    """Our name of the head a ``transformers`` ViLT holds (None: ``ViltModel``)."""
+    return _HF_TASKS.get(type(hf).__name__, (None,))[0]
 
 
 def mlm_tied(ckpt: Checkpoint) -> bool:
@@ -245,8 +259,13 @@ def _hf_class_of(state: Mapping[str, Tensor], c) -> str:
     return "ViltModel"
 
 
-def _load_hf_dir(path: Path):
+def _load_hf_dir(path: Path, trust_pickle: bool = False):
+    """The model a ``save_pretrained`` directory holds. Its safetensors weights load through transformers; pickled
+    ``pytorch_model.bin`` weights (older directories) through this package's one ``torch.load`` policy."""
+    import json
+
     import transformers
+
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a saved transformers model)")
@@ -256,4 +275,18 @@ def _load_hf_dir(path: Path):
     arch = (config.architectures or ["ViltModel"])[0]
     if arch != "ViltModel" and arch not in _HF_TASKS:
         raise ValueError(f"{path}: {arch} is not a ViLT class this project reads")
-    return getattr(transformers, arch).from_pretrained(path)
+    cls = getattr(transformers, arch)
+    if any(path.glob("*.safetensors")):
+        return cls.from_pretrained(path)
+    index = path / "pytorch_model.bin.index.json"
+    files = ([path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))] if index.is_file()
+             else [path / "pytorch_model.bin"])
+    if not files[0].is_file():
+        raise FileNotFoundError(f"{path}: no weights beside config.json (model.safetensors or pytorch_model.bin)")
+    state = {}
+    for f in files:
+        try:
+            state.update({k: v for k, v in state_dict_of(load_file(f, trust_pickle)).items() if isinstance(v, Tensor)})
+        except PickledFile as e:
+            raise e.advise(f"{CONVERT_ONCE}, and use CKPT", source=path) from None
+    return cls.from_pretrained(None, config=config, state_dict=state)
