@@ -147,3 +147,64 @@ def test_two_job_sweep_to_table_and_plots(data_dir, tmp_path):
     assert sorted(r["status"] for r in rows) == ["complete", "complete", "incomplete"]
     for name in ("curves_vs_time.png", "pareto.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def declare(sweep, controls):
+    """Record ``controls`` in every job's config, as a sweep of an experiment that declares them does."""
+    for path in sweep.glob("*/.hydra/config.yaml"):
+        config = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**config, "controls": controls}))
+
+
+def test_the_controls_the_runs_declare_are_checked_without_being_retyped(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed, (still, moving) in enumerate([(0.50, 0.70), (0.52, 0.74), (0.48, 0.72)]):
+        job(sweep, f"s{seed}", "single_frame", seed, {"val/itm_acc": still})
+        job(sweep, f"t{seed}", "tubelet", seed, {"val/itm_acc": moving})
+    declare(sweep, ["single_frame val/itm_acc contains 0.5", "tubelet,frames val/itm_acc above 0.5"])
+    older = sweep / "t0" / ".hydra" / "config.yaml"  # a run from before the declaration: the same arm still
+    older.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(older.read_text()).items() if k != "controls"}))
+    compare([str(sweep), "--out", str(tmp_path / "met")])
+    md = (tmp_path / "met" / "RESULTS.md").read_text()
+    assert "Positive control (met)" in md and "- tubelet,frames val/itm_acc above 0.5: tubelet [" in md
+    assert "- tubelet − single_frame: +0.220 [+0.170, +0.270]" in md and "Runs split" not in md
+
+    declare(sweep, ["tubelet val/itm_acc contains 0.5"])  # a control the study fails: no ranking
+    compare([str(sweep), "--out", str(tmp_path / "failed")])
+    md = (tmp_path / "failed" / "RESULTS.md").read_text()
+    assert md.splitlines()[2] == "**The positive control failed: no ranking is drawn from this study.**"
+    assert "−" not in md
+    compare([str(sweep), "--out", str(tmp_path / "given"), "--control", "tubelet val/itm_acc above 0.5"])
+    assert "Positive control (met)" in (tmp_path / "given" / "RESULTS.md").read_text()  # --control replaces them
+
+    declare(sweep, ["region val/itm_acc above 0.5", "tubelet val/nlvr2_acc above 0.5"])  # part of an experiment
+    capsys.readouterr()
+    compare([str(sweep), "--out", str(tmp_path / "part")])
+    md = (tmp_path / "part" / "RESULTS.md").read_text()
+    assert "Positive control (not checked)" in md and "failed" not in md and "- tubelet − single_frame" in md
+    assert "- region val/itm_acc above 0.5: not checked, no arm region in the sweep" in md
+    assert "- tubelet val/nlvr2_acc above 0.5: not checked, no val/nlvr2_acc in tubelet" in md
+
+    declare(sweep, ["tubelet val/itm_acc rises"])  # a malformed declaration: one line naming the file
+    with pytest.raises(SystemExit):
+        compare([str(sweep), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "config.yaml: --control 'tubelet val/itm_acc rises'" in err and "Traceback" not in err
+
+
+def test_the_comparison_experiments_declare_controls_on_their_own_arms():
+    """compare_video_embedders: single_frame at chance, a time-aware arm above it; compare_embedders: region above
+    chance. Each names arms and a metric the experiment's sweep has, in the form vlm.compare reads."""
+    from tests.conftest import compose_config
+    from vlm.compare import MAIN, parse_control
+
+    embedders = {p.stem for p in (ROOT / "conf" / "model" / "embedder").glob("*.yaml")}
+    expected = {"compare_video_embedders": ["single_frame val/itm_acc contains 0.5",
+                                            "tubelet,frames val/itm_acc above 0.5"],
+                "compare_embedders": ["region val/itm_acc above 0.5"]}
+    for experiment, controls in expected.items():
+        cfg = compose_config([f"experiment={experiment}"])
+        assert list(cfg.controls) == controls
+        for c in map(parse_control, cfg.controls):
+            assert set(c.arms) <= embedders and c.metric == MAIN["pretrain"]
+    assert list(compose_config([]).controls) == []  # no experiment, no control

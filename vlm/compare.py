@@ -5,8 +5,9 @@ SWEEP_DIR is a folder of runs at any depth (a Hydra multirun: each job writes ``
 one label and task that differ in nothing but the seed; runs whose configs differ in anything else are split into
 rows named by what differs. Each task is a column: its main metric as the mean and 95% t-interval over the arm's
 runs; for each pair of arms the mean paired difference over the seeds both ran, with its interval, ends in a
-verdict. ``--control`` names a positive control; a study that fails it draws no ranking. Failed or unfinished runs
-are listed under their own heading and never averaged in.
+verdict. ``--control`` names a positive control (none given: those the experiment config of a sweep folder's runs
+declares, ``controls:``); a study that fails it draws no ranking. Failed or unfinished runs are listed under their
+own heading and never averaged in.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +60,7 @@ NOT_THE_EXPERIMENT = (
     "optimized_metric", "ckpt_path", "paths", "logger", "hydra", "trainer.default_root_dir",
     "trainer.log_every_n_steps", "callbacks.progress_bar", "callbacks.model_checkpoint", "callbacks.on_signal",
     "callbacks.lr_monitor", "callbacks.model_summary", "callbacks.sample_log", "data.num_workers",
-    "data.generate.workers",
+    "data.generate.workers", "tuned", "controls",
 )
 OPS = ("contains", "above", "below")
 
@@ -75,6 +78,8 @@ class Run:
     config: dict[str, object] = field(default_factory=dict)  # flattened, only keys that change the experiment
     choices: dict[str, str] = field(default_factory=dict)  # Hydra's config-group choices
     arm: str = ""
+    lr: float | None = None  # task.optimizer.lr as the run resolved it
+    tuned: dict | None = None  # the run's `tuned` node: its rate came from python -m vlm.tune
 
     def value(self, key: str) -> float | None:
         return self.metrics.get(key, self.summary.get(key))
@@ -126,22 +131,26 @@ def read_sweep(sweep_dir: str | Path) -> list[Run]:
         if not isinstance(label, str) or "${" in label:
             label = choices.get("model/embedder") or "?"
         keys = experiment_keys(config)
+        tuned = config.get("tuned")
+        rate = {"lr": learning_rate(config, label), "tuned": tuned if isinstance(tuned, dict) else None}
+        if rate["lr"] is not None:  # a tuned rate is saved as an interpolation on the label: compare the value
+            keys[LR] = rate["lr"]
         results_path = job / "results.json"
         if not results_path.exists():
             runs.append(Run(name, label, config.get("seed"), "incomplete", task=task_of(config, choices, {}),
-                            config=keys, choices=choices))
+                            config=keys, choices=choices, **rate))
             continue
         try:
             res = json.loads(results_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             res = None
         if not isinstance(res, dict) or "status" not in res:  # half-written, or some other tool's results.json
-            runs.append(Run(name, label, config.get("seed"), "unreadable", config=keys, choices=choices))
+            runs.append(Run(name, label, config.get("seed"), "unreadable", config=keys, choices=choices, **rate))
             continue
         metrics = res.get("metrics", {})
         runs.append(Run(name, res.get("label") or label, res.get("seed", config.get("seed")), res["status"],
                         metrics, res.get("summary", {}), res.get("history", []), task_of(config, choices, metrics),
-                        keys, choices))
+                        keys, choices, **rate))
     return runs
 
 
@@ -162,8 +171,52 @@ def read_wandb(path: str) -> list[Run]:
         ]
         metrics = {k: v for k, v in summary.items() if "/" in k}
         runs.append(Run(r.id, r.config.get("label") or r.name, r.config.get("seed"), status, metrics, summary, history,
-                        task_of(r.config, {}, metrics), experiment_keys(r.config)))
+                        task_of(r.config, {}, metrics), experiment_keys(r.config),
+                        lr=learning_rate(r.config, r.config.get("label") or r.name), tuned=r.config.get("tuned")))
     return runs
+
+
+# ---- learning rates: the one each arm ran with, and whether it was tuned for the arm (python -m vlm.tune)
+
+LR = "task.optimizer.lr"
+
+
+def learning_rate(config: dict, label: str) -> float | None:
+    """The run's ``task.optimizer.lr``. Hydra saves the config unresolved, and a tuned rate is an interpolation on
+    the run's label (``${tuned.arms[${label}].lr}``): resolved here with the label."""
+    try:
+        lr = OmegaConf.select(OmegaConf.create({**config, "label": label}), LR, default=None)
+    except OmegaConfBaseException:  # an interpolation on what only the running job had (hydra:...)
+        return None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+
+def rates_of(runs: list[Run]) -> str:
+    return ", ".join(f"{x:g}" for x in sorted({r.lr for r in runs if r.lr is not None}))
+
+
+def learning_rates(arms: dict[str, dict[str, list[Run]]]) -> list[str]:
+    """Lines for under the headline table: each arm's learning rate and, where vlm.tune chose it, over which values,
+    on what and at what budget; where no arm was tuned and they share one rate, that it is shared."""
+    lines, untuned = [], set()
+    for arm, by_task in arms.items():
+        rs = [r for t in by_task.values() for r in t]
+        if not (rate := rates_of(rs)):
+            continue
+        tuned = next((r.tuned for r in rs if r.tuned), None)
+        chosen = ((tuned or {}).get("arms") or {}).get(rs[0].label)
+        if chosen:
+            budget = ", ".join(f"{k}={v}" for k, v in (tuned.get("budget") or {}).items())
+            lines.append(f"- `{arm}`: lr {rate}, tuned for this arm over {', '.join(f'{x:g}' for x in chosen['over'])}"
+                         f" on the best mean final {tuned.get('metric')} ({tuned.get('direction')}"
+                         f"{', ' + budget if budget else ''}; `{tuned.get('sweep')}`)")
+        else:
+            lines.append(f"- `{arm}`: lr {rate}, not tuned")
+            untuned.add(rate)
+    if len(lines) > 1 and len(untuned) == 1 and all(line.endswith("not tuned") for line in lines):
+        return ["", (f"Learning rate (`task.optimizer.lr`): {untuned.pop()} for every arm, not tuned per arm "
+                     "(to tune each: `hparams_search=tune_lr`, then `python -m vlm.tune`).")]
+    return ["", "Learning rates (`task.optimizer.lr`):", "", *lines] if lines else []
 
 
 # ---- arms: runs that differ in nothing but the seed
@@ -342,6 +395,38 @@ def check_control(c: Control, arms: dict[str, dict[str, list[Run]]]) -> tuple[bo
     return ok, f"{c.text}: " + "; ".join(parts)
 
 
+def declared_controls(sweep_dir: str | Path) -> list[Control]:
+    """The controls the sweep's runs declare (``controls:``, set by their experiment config, as each run's
+    ``.hydra/config.yaml`` recorded it), each once, in the order first met."""
+    found: dict[str, Control] = {}
+    for path in sorted(Path(sweep_dir).glob("**/.hydra/config.yaml"), key=str):
+        declared = _load_yaml(path).get("controls") or []
+        if not isinstance(declared, list) or not all(isinstance(c, str) for c in declared):
+            raise ValueError(f"{path}: controls must be a list of 'ARM[,ARM...] METRIC contains|above|below X'")
+        for text in declared:
+            try:
+                found.setdefault(text, parse_control(text))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+    return list(found.values())
+
+
+def check_declared(controls: list[Control],
+                   arms: dict[str, dict[str, list[Run]]]) -> tuple[list[tuple[bool, str]], list[str]]:
+    """Declared controls checked, and a line for each this sweep cannot check (none of its arms, or an arm without
+    its metric: a sweep of part of the experiment), which neither meets nor fails."""
+    checked, unchecked = [], []
+    for c in controls:
+        present = [arm for arm in c.arms if arm in arms]
+        lacking = [arm for arm in present if not any(values_of(rs, c.metric) for rs in arms[arm].values())]
+        if present and not lacking:
+            checked.append(check_control(c, arms))
+        else:
+            why = f"no {c.metric} in {', '.join(lacking)}" if present else f"no arm {' or '.join(c.arms)} in the sweep"
+            unchecked.append(f"{c.text}: not checked, {why}")
+    return checked, unchecked
+
+
 # ---- outputs
 
 def shown(path: str) -> str:
@@ -384,7 +469,7 @@ def headline(arms: dict[str, dict[str, list[Run]]], mains: dict[str, str]) -> li
     tasks = [t for t in ordered_tasks(arms) if t in mains]
     first = tasks[0] if tasks else None
     step = f"ms / step ({first})" if len(tasks) > 1 else "ms / step"
-    head = ["arm"] + [f"{t}: {title_of(mains[t])}" for t in tasks] + ["GFLOPs / image", step]
+    head = ["arm"] + [f"{t}: {title_of(mains[t])}" for t in tasks] + ["GFLOPs / image", step, "lr"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, by_task in arms.items():
         every = [r for rs in by_task.values() for r in rs]
@@ -392,6 +477,7 @@ def headline(arms: dict[str, dict[str, list[Run]]], mains: dict[str, str]) -> li
         ms = values_of(by_task.get(first, []), MS_STEP)
         cells = [arm] + [cell(by_task.get(t, []), mains[t]) for t in tasks]
         cells += [f"{np.mean(gflops):.2f}" if gflops else "", f"{np.mean(ms):.0f}" if ms else ""]
+        cells += [rates_of(every) + (" (tuned)" if any(r.tuned for r in every) else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -419,9 +505,11 @@ def write_markdown(out: Path, source: str, table: list[str], verdict_lines: list
     if control_ok is False:
         lines += ["**The positive control failed: no ranking is drawn from this study.**", ""]
     if control:
-        lines += [f"Positive control ({'met' if control_ok else 'not met'}):", ""] + [f"- {c}" for c in control] + [""]
+        said = "met" if control_ok else "not checked" if control_ok is None else "not met"
+        lines += [f"Positive control ({said}):", ""] + [f"- {c}" for c in control] + [""]
     lines += [(f"Each task's main metric (val), mean ± half-width of the {CONFIDENCE:.0%} t-interval over the arm's "
-               "runs (n runs in brackets; one run has no interval); GFLOPs / image and ms / step: means. Every "
+               "runs (n runs in brackets; one run has no interval); GFLOPs / image and ms / step: means; lr: the "
+               "learning rate the arm's runs used, (tuned) where `python -m vlm.tune` chose it for the arm. Every "
                "metric, with its interval, is in `summary.csv`; every paired difference in `differences.csv`; every "
                "run in `results.csv`."), ""]
     lines += table
@@ -580,7 +668,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="a task's main metric instead of its default, for the task whose runs hold it (repeatable)")
     p.add_argument("--control", action="append", default=[],
                    help="a positive control, 'ARM[,ARM...] METRIC contains|above|below X' on the arm's 95%% interval "
-                        "(one arm of a list suffices; repeat for several, all must hold); if it fails, no ranking")
+                        "(one arm of a list suffices; repeat for several, all must hold); if it fails, no ranking. "
+                        "None given: those a sweep folder's runs declare in their configs (`controls:`, set by the "
+                        "experiment)")
     a = p.parse_args(argv)
     if bool(a.sweep) == bool(a.wandb):
         p.error("give a sweep folder or --wandb ENTITY/PROJECT/GROUP, not both")
@@ -595,12 +685,16 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     arms, splits = split_arms(runs)
     mains = main_metrics(runs, a.metric)
+    unchecked = []
     try:
         checked = [check_control(c, arms) for c in controls]
+        if not a.control and a.sweep:  # none given: the controls the experiment declared, as its runs recorded them
+            checked, unchecked = check_declared(declared_controls(a.sweep), arms)
     except ValueError as e:
         p.error(str(e))
     control_ok = all(ok for ok, _ in checked) if checked else None
-    table, verdict_lines = headline(arms, mains), verdicts(arms, mains)
+    checked += [(None, line) for line in unchecked]  # said, never counted
+    table, verdict_lines = headline(arms, mains) + learning_rates(arms), verdicts(arms, mains)
     written, notes = plot(arms, mains, out, rank=control_ok is not False)
     write_markdown(out, shown(a.sweep) if a.sweep else a.wandb, table, verdict_lines, [line for _, line in checked],
                    control_ok, splits, arm_differences(arms), notes, runs)

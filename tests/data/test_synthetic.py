@@ -72,6 +72,83 @@ def test_wide_scenes_span_web_aspect_ratios_and_sizes_and_the_default_is_unchang
     default = [layout(0, "train", i)[:2] for i in range(400)]
     assert max(max(w, h) / min(w, h) for w, h in default) <= 1.76  # the default data is as it was
     data = SyntheticData("x")
-    params = {k: v for k, v in asdict(data).items() if k not in ("root", "workers", "aspect")}
+    params = {k: v for k, v in asdict(data).items() if k not in ("root", "workers", "aspect", "probe")}
     assert data.fingerprint() == hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     assert SyntheticData("x", aspect="wide").fingerprint() != data.fingerprint()
+
+
+def test_the_colour_probe_is_decided_by_the_dot_alone():
+    """The image control (data=synthetic_control): the scene the foil describes is the same scene with the dot in the
+    foil's colour, pixel for pixel the same elsewhere; the dot's pixels carry the caption's colour, and still do
+    where the study reads them (JPEG, resized to its size), at a quarter of a patch wide at most; the foil differs
+    from the caption in that one word."""
+    import io
+    from collections import Counter
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from tests.conftest import ROOT
+    from vlm.data.synthetic import COLORS, probe_layout, probe_sample, render
+    from vlm.data.transforms import build_transform, to_boxes
+
+    control = OmegaConf.load(ROOT / "conf" / "data" / "synthetic_control.yaml")
+    study = OmegaConf.load(ROOT / "conf" / "experiment" / "compare_embedders.yaml").data
+    assert control.generate.probe == "small_colour"
+    assert (control.image_size, control.max_size) == (study.image_size, study.max_size) == (96, 160)
+    transform = build_transform(control.image_size, control.max_size, normalize=False)
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], float)
+    said, foils = Counter(), Counter()
+    for i in range(40):
+        _, jpg, meta = probe_sample(0, "val", i)
+        _, _, swapped = probe_sample(0, "val", i, swap=True)
+        dot = meta["dot"]
+        assert (swapped["caption"], swapped["foil"]) == (meta["foil"], meta["caption"])
+        words, foil_words = meta["caption"].split(), meta["foil"].split()
+        assert len(words) == len(foil_words)
+        changed = [k for k, (a, b) in enumerate(zip(words, foil_words)) if a != b]
+        assert len(changed) == 1 and meta["caption"].count("tiny") == 1  # one word, naming the one tiny thing
+        k = changed[0]
+        assert (words[k - 1], words[k], foil_words[k], words[k + 1].rstrip(".")) == (
+            "tiny", dot["color"], dot["foil_color"], "dot")
+        assert len(meta["objects"]) >= 2 and meta["boxes"][-1] == dot["box"]  # shapes, and the dot with its box
+
+        w, h, objs, d = probe_layout(0, "val", i)
+        a = np.asarray(render(0, "val", i, w, h, [*objs, d.obj]), dtype=int)
+        w2, h2, objs2, d2 = probe_layout(0, "val", i, swap=True)
+        b = np.asarray(render(0, "val", i, w2, h2, [*objs2, d2.obj]), dtype=int)
+        x1, y1, x2, y2 = dot["box"]
+        outside = np.ones(a.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert (a[outside] == b[outside]).all() and (a != b).any()  # the two scenes differ in the dot alone
+        cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+        assert tuple(a[cy, cx]) == COLORS[dot["color"]] and tuple(b[cy, cx]) == COLORS[dot["foil_color"]]
+
+        image, box = transform(Image.open(io.BytesIO(jpg)).convert("RGB"), to_boxes([dot["box"]], h, w))
+        bx1, by1, bx2, by2 = box[0].tolist()
+        assert max(bx2 - bx1, by2 - by1) <= 32 / 4  # a quarter of a 32-pixel patch or stride-32 cell at most
+        seen = image[:, int((by1 + by2) / 2), int((bx1 + bx2) / 2)].float().numpy()
+        assert names[int(np.argmin(((palette - seen) ** 2).sum(1)))] == dot["color"]  # as the study reads it
+        said[dot["color"]] += 1
+        foils[dot["foil_color"]] += 1
+    assert set(said) == set(foils) == set(COLORS)  # every colour on either side
+
+
+def test_the_colour_probe_is_written_as_the_scenes_are_and_the_default_data_is_unchanged(tmp_path):
+    import hashlib
+    from dataclasses import asdict
+
+    from vlm.data.synthetic import caption_texts, write_shard
+
+    path = str(tmp_path / "train-00000.tar")
+    assert write_shard(path, 0, "train", 0, 6, 6, probe="small_colour") == 6
+    written = list(metas([path]))
+    assert all(m["foil"] != m["caption"] and m["dot"]["box"] in m["boxes"] for m in written)
+    texts = list(caption_texts([path]))
+    assert texts == [t for m in written for t in (m["caption"], m["foil"])]  # the tokenizer learns both
+    data = SyntheticData("x")
+    params = {k: v for k, v in asdict(data).items() if k not in ("root", "workers", "aspect", "probe")}
+    assert data.fingerprint() == hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    assert SyntheticData("x", probe="small_colour").fingerprint() != data.fingerprint()

@@ -396,3 +396,54 @@ def test_a_rotated_video_is_decoded_upright(degrees, hflip):
     got = decode_video(data, ClipSampler(frames=2), train=False)
     assert got.shape == (2, *shown.shape[1:])
     assert ((got[..., 0] > 128) == (shown[:2, ..., 0] > 128)).all()
+
+
+# the words in which a clip's caption and its foil may differ: where, which way, and (colour changes) the order of
+# the two colours
+TURNED = {"right", "left", "up", "down", "appears", "disappears", "towards", "away", "from"}
+
+
+def test_a_clips_foil_is_the_caption_of_its_frames_played_backwards_byte_for_byte(tmp_path):
+    """The time control: the clip played the other way is the same frames in reversed order, pixel for pixel, and
+    its caption is the foil (and its foil the caption); the two differ only in the words that say which way things
+    go; the frame single_frame sees is the same either way; and what the shards hold is that clip and that foil."""
+    import difflib
+    import json
+    import tarfile
+
+    from vlm.data.synthetic import COLORS
+    from vlm.data.synthetic_video import write_shard
+
+    events = Counter()
+    for i in range(24):
+        video, record = clip(0, "val", i)
+        back, turned = clip(0, "val", i, reverse=not record["reversed"])
+        assert turned["reversed"] != record["reversed"] and turned["event"] == record["event"]
+        assert back.tobytes() == video[::-1].tobytes()  # the same frames, reversed, identical bytes
+        assert sorted(f.tobytes() for f in back) == sorted(f.tobytes() for f in video)
+        assert (turned["caption"], turned["foil"]) == (record["foil"], record["caption"])
+        said, foil = record["caption"].rstrip(".").split(), record["foil"].rstrip(".").split()
+        allowed = TURNED | (set(COLORS) if record["event"] == "colour" else set())
+        if len(said) == len(foil):  # word for word
+            changed = [w for a, b in zip(said, foil) if a != b for w in (a, b)]
+        else:  # "towards" for "away from"
+            changed = [w for op, a0, a1, b0, b1 in difflib.SequenceMatcher(a=said, b=foil).get_opcodes()
+                       if op != "equal" for w in said[a0:a1] + foil[b0:b1]]
+        assert changed and set(changed) <= allowed, (said, foil)
+        if record["event"] == "colour":  # the same two colours, the other way round
+            assert sorted(said) == sorted(foil)
+        assert video[8].tobytes() == back[8].tobytes()  # the middle of 17 frames: what single_frame sees
+        events[record["event"]] += 1
+    assert set(events) == {"move", "appear", "colour", "approach"}
+
+    shard = str(tmp_path / "val-00000.tar")
+    write_shard(shard, 0, "val", 0, 3, 17, 96, 160)  # as SyntheticVideo writes its shards
+    with tarfile.open(shard) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    for i in range(3):  # (H.264 is lossy, and libx264's threads may vary its bytes: the decoded frames are compared)
+        video, record = clip(0, "val", i)
+        stored_frames = decode_video(files[f"val-{i:07d}.mp4"], ClipSampler(frames=17), train=False).astype(int)
+        error, error_backwards = np.abs(stored_frames - video).mean(), np.abs(stored_frames - video[::-1]).mean()
+        assert error < 3 and error < error_backwards  # the clip as drawn, in its order
+        stored = json.loads(files[f"val-{i:07d}.json"])
+        assert stored["foil"] == clip(0, "val", i, reverse=not record["reversed"])[1]["caption"]

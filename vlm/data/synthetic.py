@@ -3,7 +3,9 @@
 Written as ordinary webdataset shards (``KEY.jpg`` + ``KEY.json``) so the default run streams through the
 same code path as real data. Every sample is a pure function of (seed, split, index), so the data set is
 reproducible byte for byte. Some colour-shape combinations never occur in ``train``/``val``; the
-``test_compositional`` split puts at least one of them in every scene.
+``test_compositional`` split puts at least one of them in every scene. ``probe="small_colour"``
+(``data=synthetic_control``) writes an image positive control instead: every scene with a tiny dot, and a foil
+caption that differs from the caption only in the dot's colour (`probe_sample`).
 
     python -m vlm.data.synthetic --out data/synthetic
 """
@@ -46,6 +48,11 @@ HELD_OUT = frozenset(
 )
 SPLITS = {"train": 0, "val": 1, "test_compositional": 2}
 NUMBERS = ("zero", "one", "two", "three", "four")
+PROBES = ("none", "small_colour")
+# small_colour's dot: its diameter as a fraction of the shorter side, at most 7 px where the shorter side is 96
+# (data=synthetic_control, compare_embedders): under a quarter of a 32-pixel patch or a stride-32 cell
+DOT = (0.05, 0.075)
+DOT_PHRASES = ("there is also a tiny {c} dot.", "a tiny {c} dot as well.", "and one tiny {c} dot.")
 
 
 @dataclass(frozen=True)
@@ -249,10 +256,49 @@ def layout(seed: int, split: str, index: int, aspect: str = "default") -> tuple[
         for _attempt in range(40):
             x, y = int(rng.integers(2, w - d - 1)), int(rng.integers(2, h - d - 1))
             box = (x, y, x + d, y + d)
-            if all(box[2] + 3 <= o.box[0] or o.box[2] + 3 <= box[0] or box[3] + 3 <= o.box[1] or o.box[3] + 3 <= box[1] for o in objs):
+            if all(_apart(box, o.box) for o in objs):
                 objs.append(Obj(shape, color, size, box))
                 break
     return w, h, objs
+
+
+def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int = 3) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+@dataclass(frozen=True)
+class Dot:
+    """The small_colour probe's deciding object: a tiny circle, the colour its foil caption gives it instead, and
+    its sentence (``{c}``: the colour)."""
+
+    obj: Obj
+    foil: str
+    phrase: str
+
+
+def probe_layout(seed: int, split: str, index: int, aspect: str = "default",
+                 swap: bool = False) -> tuple[int, int, list[Obj], Dot]:
+    """A scene of the ``small_colour`` probe: the scene's canvas and shapes (``layout``, at most three) and a tiny
+    dot placed clear of them. The dot's colour and its foil's are drawn as an ordered pair of two colours,
+    apart from everything else in the scene, so that a caption and its foil are equally likely either way round:
+    only the dot's pixels tell them apart. ``swap``: the same scene with the dot in the foil's colour (the scene
+    the foil describes)."""
+    w, h, objs = layout(seed, split, index, aspect)
+    objs = objs[:3]
+    rng = np.random.default_rng([seed, SPLITS[split], index, 5])
+    names = list(COLORS)
+    said, other = (names[k] for k in rng.choice(len(names), size=2, replace=False))
+    if swap:
+        said, other = other, said
+    phrase = DOT_PHRASES[int(rng.integers(len(DOT_PHRASES)))]
+    d = max(3, round(min(w, h) * rng.uniform(*DOT)))
+    while True:
+        for _attempt in range(100):
+            x, y = int(rng.integers(2, w - d - 1)), int(rng.integers(2, h - d - 1))
+            box = (x, y, x + d, y + d)
+            if all(_apart(box, o.box) for o in objs):
+                return w, h, objs, Dot(Obj("circle", said, "tiny", box), other, phrase)
+        objs = objs[:-1]  # no room for the dot: the last shape gives up its place
 
 
 def render(seed: int, split: str, index: int, w: int, h: int, objs: list[Obj]) -> Image.Image:
@@ -289,7 +335,12 @@ def partner_of(seed: int, split: str, index: int, total: int) -> int:
     return (index + 1 + int(np.random.default_rng([seed, 99, SPLITS[split], index]).integers(total - 1))) % total
 
 
-def make_sample(seed: int, split: str, index: int, partner: int, aspect: str = "default") -> tuple[str, bytes, dict]:
+def make_sample(seed: int, split: str, index: int, partner: int, aspect: str = "default",
+                probe: str = "none") -> tuple[str, bytes, dict]:
+    if probe == "small_colour":
+        return probe_sample(seed, split, index, aspect)
+    if probe != "none":
+        raise ValueError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
     w, h, objs = layout(seed, split, index, aspect)
     img = render(seed, split, index, w, h, objs)
     partner_objs = layout(seed, split, partner, aspect)[2]
@@ -309,6 +360,31 @@ def make_sample(seed: int, split: str, index: int, partner: int, aspect: str = "
     return key, jpeg(img), meta
 
 
+def probe_sample(seed: int, split: str, index: int, aspect: str = "default",
+                 swap: bool = False) -> tuple[str, bytes, dict]:
+    """A ``small_colour`` scene: its shapes and the dot, a caption naming them all and a *foil*, the caption with
+    the dot's colour changed (``KEY.json``'s ``foil``; ``dot``: its box, colour and foil colour). Matched against
+    foils (``task.collate.itm_foil_fraction``), a model is right only where it reads the colour of an object a
+    quarter of a patch wide. No questions or pair statements: the probe is for matching."""
+    w, h, objs, dot = probe_layout(seed, split, index, aspect, swap)
+    img = render(seed, split, index, w, h, [*objs, dot.obj])
+    rng = np.random.default_rng([seed, SPLITS[split], index, 2])
+    shapes = _caption(objs, rng).replace(" and nothing else", "") if objs else ""  # the dot is something else
+    caption, foil = (f"{shapes} {dot.phrase.format(c=c)}".strip() for c in (dot.obj.color, dot.foil))
+    every = [*objs, dot.obj]
+    meta = {
+        "caption": caption,
+        "foil": foil,
+        "width": img.width,
+        "height": img.height,
+        "boxes": [list(o.box) for o in every],  # the dot's too: region features pool it on its own box
+        "labels": [SHAPES.index(o.shape) for o in every],
+        "objects": [{"shape": o.shape, "color": o.color, "size": o.size} for o in every],
+        "dot": {"box": list(dot.obj.box), "color": dot.obj.color, "foil_color": dot.foil},
+    }
+    return f"{split}-{index:07d}", jpeg(img), meta
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -317,12 +393,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: str, seed: int, split: str, start: int, stop: int, total: int, aspect: str = "default") -> int:
-    return write_tar(path, (scene_files(seed, split, i, total, aspect) for i in range(start, stop)))
+def write_shard(path: str, seed: int, split: str, start: int, stop: int, total: int, aspect: str = "default",
+                probe: str = "none") -> int:
+    return write_tar(path, (scene_files(seed, split, i, total, aspect, probe) for i in range(start, stop)))
 
 
-def scene_files(seed: int, split: str, index: int, total: int, aspect: str) -> list[tuple[str, bytes]]:
-    key, jpg, meta = make_sample(seed, split, index, partner_of(seed, split, index, total), aspect)
+def scene_files(seed: int, split: str, index: int, total: int, aspect: str,
+                probe: str = "none") -> list[tuple[str, bytes]]:
+    key, jpg, meta = make_sample(seed, split, index, partner_of(seed, split, index, total), aspect, probe)
     return [(f"{key}.jpg", jpg), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
 
 
@@ -409,20 +487,22 @@ class SyntheticData(Generated):
     shard_size: int = 500
     workers: int = 2
     aspect: Literal["default", "wide"] = "default"  # or "wide": aspect ratios 1:3-3:1, sizes 96-512 px (`layout`)
+    probe: Literal["none", "small_colour"] = "none"  # or a positive control's scenes (`probe_sample`)
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.train_size, "val": self.val_size, "test_compositional": self.test_size}
 
     def shard_job(self, path: str, split: str, start: int, stop: int, total: int) -> tuple:
-        return write_shard, path, self.seed, split, start, stop, total, self.aspect
+        return write_shard, path, self.seed, split, start, stop, total, self.aspect, self.probe
 
     def tokenizer_texts(self):
         return caption_texts(self.shards("train"))
 
     def params(self) -> dict:
         params = super().params()
-        if params["aspect"] == "default":  # the data written before there was a choice keeps its fingerprint
-            del params["aspect"]
+        for key, default in (("aspect", "default"), ("probe", "none")):
+            if params[key] == default:  # the data written before there was a choice keeps its fingerprint
+                del params[key]
         return params
 
 
@@ -438,16 +518,19 @@ class Generators:
 
 
 def caption_texts(shards: list[str]):
-    """Every text a model may read in the built-in data: captions, questions, answers, statements."""
+    """Every text a model may read in the built-in data: captions, foils, questions, answers, statements."""
     for path in shards:
         with tarfile.open(path) as tar:
             for member in tar:
                 if member.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(member).read())
                     yield meta["caption"]
-                    for qa in meta["qa"]:
+                    if "foil" in meta:
+                        yield meta["foil"]
+                    for qa in meta.get("qa", []):
                         yield qa["question"] + " " + qa["answer"]
-                    yield meta["pair"]["statement"]
+                    if "pair" in meta:
+                        yield meta["pair"]["statement"]
 
 
 def random_batch(batch: int, text_len: int, height: int, width: int, vocab: int):
@@ -507,8 +590,10 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--aspect", choices=ASPECTS, default="default")
+    p.add_argument("--probe", choices=PROBES, default="none")
     a = p.parse_args()
-    data = SyntheticData(a.out, a.seed, a.train_size, a.val_size, a.test_size, a.shard_size, a.workers, a.aspect)
+    data = SyntheticData(a.out, a.seed, a.train_size, a.val_size, a.test_size, a.shard_size, a.workers, a.aspect,
+                         a.probe)
     if not data.ensure():
         print(f"synthetic: {a.out} is already complete")
 

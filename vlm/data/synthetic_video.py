@@ -49,8 +49,12 @@ def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
     return img
 
 
-def clip(seed: int, split: str, index: int, frames: int = 17, height: int = 96, width: int = 160) -> tuple[np.ndarray, dict]:
-    """Clip ``index``: its frames [T, H, W, 3] uint8 and its record (caption, foil, event, reversed, objects)."""
+def clip(seed: int, split: str, index: int, frames: int = 17, height: int = 96, width: int = 160,
+         reverse: bool | None = None) -> tuple[np.ndarray, dict]:
+    """Clip ``index``: its frames [T, H, W, 3] uint8 and its record (caption, foil, event, reversed, objects).
+
+    ``reverse``: play it this way instead of the way drawn for it (None): the same frames in the other order, its
+    caption the foil's and its foil the caption's, which is what makes a foil the caption of the clip backwards."""
     rng = np.random.default_rng([seed, 77, SPLITS[split], index])
     size = int(rng.integers(22, 30))  # a shape spans most of one 32-pixel patch
     shapes = rng.choice(len(SHAPES), size=2, replace=False)
@@ -90,7 +94,8 @@ def clip(seed: int, split: str, index: int, frames: int = 17, height: int = 96, 
             shown[:moment] = False
         else:
             colour = [actor[1]] * moment + [names[colours[2]]] * (frames - moment)
-    reverse = bool(rng.random() < 0.5)
+    drawn = bool(rng.random() < 0.5)  # drawn even when ``reverse`` is given: the draws after it stay the same
+    reverse = drawn if reverse is None else bool(reverse)
     background = _background(rng, height, width)
     out = []
     for k in range(frames):  # the actor is drawn last: where the shapes cross, it is on top
