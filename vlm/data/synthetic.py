@@ -222,7 +222,7 @@ def balanced_statement(seed: int, split: str, index: int, partner: int) -> tuple
     return statement, truth, right
 
 
-ASPECTS = ("default", "wide")
+CANVAS_SHAPES = ("default", "wide")
 
 
 def layout(seed: int, split: str, index: int, aspect: str = "default") -> tuple[int, int, list[Obj]]:
@@ -231,8 +231,8 @@ def layout(seed: int, split: str, index: int, aspect: str = "default") -> tuple[
     ``aspect``: ``default`` draws the shorter side in 112-176 px and the longer up to 1.75x it; ``wide`` draws what
     web images span, the longer side in 96-512 px and the aspect ratio log-uniform in 1:3-3:1 (the shorter side
     kept >= 64 px, so that every shape stays readable), to measure what padding costs and packing saves."""
-    if aspect not in ASPECTS:
-        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+    if aspect not in CANVAS_SHAPES:
+        raise ValueError(f"aspect must be one of {', '.join(CANVAS_SHAPES)}, got {aspect!r}")
     rng = np.random.default_rng([seed, SPLITS[split], index, 0])
     if aspect == "wide":
         long = int(rng.integers(96, 513))
@@ -589,7 +589,7 @@ def main() -> None:
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--aspect", choices=ASPECTS, default="default")
+    p.add_argument("--aspect", choices=CANVAS_SHAPES, default="default")
     p.add_argument("--probe", choices=PROBES, default="none")
     a = p.parse_args()
     data = SyntheticData(a.out, a.seed, a.train_size, a.val_size, a.test_size, a.shard_size, a.workers, a.aspect,

@@ -29,7 +29,7 @@ class ResNetTrunk(nn.Module):
 
     The stages keep torchvision's names (``conv1``, ``layer1.0.conv1``, ...), so a torchvision ResNet state
     dict (``weights``: its file, e.g. ``resnet50-0676ba61.pth``) loads as it is; its ``fc`` is ignored.
-    Channels-last, which is the faster layout for these convolutions on a CPU in bf16 (README: Speed).
+    Channels-last, which is the faster layout for these convolutions on a CPU in bf16 (docs/benchmarks.md).
     """
 
     def __init__(self, name: str = "resnet18", weights: str | None = None, stride: int = 32):
