@@ -42,6 +42,7 @@ def load_embedder_state(embedder: torch.nn.Module, path: str) -> None:
 def extract(embedder: RegionEmbedder, loader, dtype: torch.dtype):
     """(key, Regions) per image, in the transformed frame of each image (its real extent)."""
     for batch in loader:
+        batch = batch.normalized()  # the loader's uint8 images, as the embedder takes them
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             boxes, feats, mask = embedder.regions(batch.images, batch.pixel_mask, batch.boxes, max_tokens=-1)
         heights, widths = (t.tolist() for t in real_extent(batch.pixel_mask))

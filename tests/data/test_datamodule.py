@@ -167,3 +167,30 @@ def test_a_read_only_data_folder_keeps_its_trained_tokenizer_in_the_cache(tmp_pa
 
     with pytest.raises(DataError, match=rf"^{ro} is read-only, so the tokenizer .* data.tokenizer=DIR or data.tokenizer_cache=DIR$"):
         ImageTextDataModule(train_files=files).tokenizer
+
+
+def test_loaders_pin_for_a_gpu_keep_evaluation_workers_and_batch_uint8(shards, synthetic):
+    """Batches are uint8 (decode=fast) or float (decode=pil); pinned when the trainer runs on CUDA; evaluation
+    loaders keep their workers between passes, the training loader (whose workers start at its saved position)
+    does not."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vlm.data.datamodule import ImageTextDataModule
+
+    def module(**kw):
+        return ImageTextDataModule(train_files=f"{shards}/train-*.tar", val_files=f"{shards}/val-*.tar",
+                                   tokenizer=f"{synthetic.root}/tokenizer", batch_size=4, image_size=32, max_size=64,
+                                   **kw)
+
+    for decode, dtype in (("fast", torch.uint8), ("pil", torch.float32)):
+        dm = module(num_workers=0, decode=decode)
+        assert next(iter(dm.val_dataloader())).images.dtype == dtype
+        assert dm.example_batch().images.dtype == torch.float32  # normalised, as a task takes it
+    dm = module(num_workers=2)
+    assert dm.val_dataloader().persistent_workers and not dm.train_dataloader().persistent_workers
+    assert not dm.val_dataloader().pin_memory  # no trainer on a GPU
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), overfit_batches=0)
+    assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
+    assert not module(num_workers=0).val_dataloader().persistent_workers

@@ -1,4 +1,5 @@
-"""decode_image: broken bytes become a counted BadSample; unusual modes are converted to RGB, never dropped."""
+"""decode_image and decode_tensor: broken bytes become a counted BadSample; unusual modes are converted to RGB,
+never dropped; photos stand upright by their EXIF orientation, whichever way they are decoded."""
 
 import io
 import struct
@@ -6,10 +7,11 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlm.data import decode
-from vlm.data.decode import REASONS, BadSample, decode_image
+from vlm.data.decode import REASONS, BadSample, decode_image, decode_tensor
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -33,6 +35,20 @@ def png16_rgb(a: np.ndarray) -> bytes:
 RED = Image.new("RGB", (40, 30), (200, 30, 30))
 
 
+def pixels(data: bytes, decoder, shape=None) -> np.ndarray:
+    """[H, W, 3] uint8 from either decoder."""
+    if decoder is decode_image:
+        return np.asarray(decode_image(data))
+    return decode_tensor(data, shape=shape)[0].permute(1, 2, 0).numpy()
+
+
+def noise_jpeg(w: int, h: int, **kw) -> bytes:
+    return encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)), "JPEG", **kw)
+
+
+DECODERS = pytest.mark.parametrize("decoder", [decode_image, decode_tensor], ids=["pil", "tensor"])
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [
@@ -46,17 +62,32 @@ RED = Image.new("RGB", (40, 30), (200, 30, 30))
     ],
     ids=["none", "zero-bytes", "truncated", "garbage", "1x1", "wide", "tall"],
 )
-def test_broken_images_are_bad_samples(data, reason):
+@DECODERS
+def test_broken_images_are_bad_samples(data, reason, decoder):
     with pytest.raises(BadSample) as e:
-        decode_image(data)
+        decoder(data)
     assert e.value.reason == reason
 
 
-def test_decompression_bombs_are_skipped(monkeypatch):
+@DECODERS
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_decompression_bombs_are_skipped(monkeypatch, decoder, fmt):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(BadSample) as e:
-        decode_image(encode(Image.new("RGB", (40, 30)), "PNG"))
+        decoder(encode(Image.new("RGB", (40, 30)), fmt))
     assert e.value.reason == "huge_image"
+
+
+@pytest.mark.parametrize("reduced", [False, True], ids=["decode_jpeg", "reduced-scale"])
+@pytest.mark.parametrize("cut", [40, 2000], ids=["tail", "half"])
+def test_truncated_jpegs_are_corrupt_on_the_fast_path(reduced, cut):
+    """Cut anywhere past its header, a JPEG is a corrupt_image however it is decoded, never half a picture."""
+    data = noise_jpeg(96, 64, quality=90)
+    assert len(data) > 2 * cut
+    shape = (lambda h, w: (h // 4, w // 4)) if reduced else None
+    with pytest.raises(BadSample) as e:
+        decode_tensor(data[:-cut], shape=shape)
+    assert e.value.reason == "corrupt_image"
 
 
 def test_unknown_reasons_are_refused():
@@ -92,6 +123,9 @@ def test_unusual_modes_are_converted_not_dropped(data, rgb):
     assert img.mode == "RGB" and img.size == (40, 30)
     got = np.asarray(img).reshape(-1, 3).mean(0)
     assert np.abs(got - np.array(rgb)).max() <= 3, got
+    t, full = decode_tensor(data)  # the fast path: the same pixels, as a uint8 tensor
+    assert t.dtype == torch.uint8 and t.shape == (3, 30, 40) and full == (30, 40)
+    assert np.abs(t.float().mean((1, 2)).numpy() - np.array(rgb)).max() <= 3
 
 
 def test_truncated_images_are_never_half_loaded():
@@ -102,14 +136,45 @@ def test_truncated_images_are_never_half_loaded():
 
 
 @pytest.mark.parametrize("orientation, turns", [(6, -1), (8, 1), (3, 2)], ids=["cw", "ccw", "half"])
-def test_exif_orientation_is_applied(orientation, turns):
+@DECODERS
+def test_exif_orientation_is_applied(orientation, turns, decoder):
     """A photo stored sideways with EXIF Orientation 6 (a phone held upright) is shown turned 90 degrees clockwise;
     8 counter-clockwise; 3 half a turn."""
     stored = np.zeros((32, 48, 3), np.uint8)
     stored[:8, :16] = 255  # a white bar in the stored pixels' top-left corner
     exif = Image.Exif()
     exif[0x0112] = orientation  # the Orientation tag
-    img = decode_image(encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif))
+    got = pixels(encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif), decoder)
     shown = np.rot90(stored, k=turns)  # counter-clockwise turns
-    assert img.size == (shown.shape[1], shown.shape[0])
-    assert ((np.asarray(img)[..., 0] > 128) == (shown[..., 0] > 128)).all()
+    assert got.shape == shown.shape
+    assert ((got[..., 0] > 128) == (shown[..., 0] > 128)).all()
+
+
+@pytest.mark.parametrize("orientation, turns", [(1, 0), (6, -1), (8, 1), (3, 2)], ids=["none", "cw", "ccw", "half"])
+def test_reduced_scale_decoding_is_upright_and_at_least_the_target(orientation, turns):
+    """A JPEG 4x larger than its target is decoded at 1/4 scale (libjpeg's DCT scaling), turned upright by EXIF,
+    and reports the full upright size the target was chosen for."""
+    stored = np.zeros((256, 384, 3), np.uint8)
+    stored[:64, :128] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif)
+    shown = np.rot90(stored, k=turns)
+    target = (shown.shape[0] // 4, shown.shape[1] // 4)
+    asked = []
+
+    def shape(h, w):
+        asked.append((h, w))
+        return target
+
+    t, full = decode_tensor(data, shape=shape)
+    assert asked == [full] and full == shown.shape[:2]
+    assert tuple(t.shape) == (3, *target)  # 1/4 scale: exactly the target here
+    small = shown[::4, ::4, 0] > 128
+    assert ((t[0].numpy() > 128) == small).mean() > 0.97  # the same picture, upright (edges may blur a pixel)
+
+
+def test_full_decoding_agrees_with_pil():
+    """Without a reduction the fast path decodes the same pixels PIL does (both libjpeg-turbo)."""
+    data = noise_jpeg(120, 80, quality=90)
+    assert np.abs(pixels(data, decode_tensor).astype(int) - pixels(data, decode_image).astype(int)).mean() < 0.5

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2.functional import get_size
 
 from vlm.data import export
 from vlm.data import stream as stream_module
@@ -199,7 +200,8 @@ def test_unexpected_sample_errors_cost_one_sample(tokenizer, tmp_path):
     source, shards = web_shards(tmp_path, 6, 1)
     s = make_stream(tokenizer, [(source, shards)], batch_size=2, shuffle=False)
     transform = s.transform
-    s.transform = lambda img, *a: (_ for _ in ()).throw(RuntimeError("boom")) if img.width % 2 else transform(img, *a)
+    s.transform = lambda img, *a, **kw: ((_ for _ in ()).throw(RuntimeError("boom")) if get_size(img)[1] % 2
+                                        else transform(img, *a, **kw))
     with pytest.warns(DataWarning, match="boom"):
         batches = one_pass(s, 0)
     n_err = sum(b.skipped.get("error", 0) for b in batches)

@@ -60,7 +60,7 @@ def test_nlvr2_region_embedder_reads_each_images_own_boxes(data_dir, tmp_path):
     """With region features on the data's boxes, the right image's tokens come from its own boxes."""
     dm, task, _ = built(data_dir, tmp_path, "nlvr2", "model/embedder=region", "model.embedder.box_source=data")
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader())).normalized()  # as the data module hands it to the task
     assert batch.boxes is not None and batch.boxes2 is not None and len(batch.boxes2) == len(batch)
     task.eval()
     with torch.no_grad():

@@ -32,7 +32,7 @@ def gather(task, dm, images: int, itc: bool) -> None:
     try:
         with torch.no_grad(), autocast(FAST):
             for batch in dm.val_dataloader():
-                task._gather(batch.to(task.device))
+                task._gather(batch.to(task.device).normalized())
                 if sum(len(v.embeds) for v in task._cache["visual"]) >= images:
                     break
     finally:

@@ -2,7 +2,8 @@
 
 `ImageCollator` pads images with a pixel mask and keeps their boxes (detection); `Collator` also tokenises the
 text; `PretrainCollator` also masks whole words for MLM and draws ITM negatives. Images are padded bottom/right,
-so `real_extent` reads each one's size back from the mask.
+so `real_extent` reads each one's size back from the mask. The loader's images stay uint8 up to the device, where
+`Batch.normalized` makes them the floats the models take.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from vlm.data.answers import AnswerVocab
 from vlm.data.sample import Sample
+from vlm.data.transforms import normalize
 from vlm.models.objectives import IGNORE
 
 
@@ -29,7 +31,7 @@ class Batch:
     """
 
     keys: list[str]
-    images: Tensor  # [B, 3, H, W], or clips [B, T, 3, H, W] (`pad_images`)
+    images: Tensor  # [B, 3, H, W], or clips [B, T, 3, H, W] (`pad_images`); uint8 from the loader (`normalized`)
     pixel_mask: Tensor  # [B, H, W] bool, True = real pixel; clips: [B, T, H, W], padding frames all False
     input_ids: Tensor | None = None  # [B, L]
     attention_mask: Tensor | None = None  # [B, L]
@@ -60,14 +62,36 @@ class Batch:
         return len(self.keys)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        def move(v):
-            if isinstance(v, Tensor):
-                return v.to(device, non_blocking=non_blocking)
-            if isinstance(v, list) and v and isinstance(v[0], Tensor):
-                return [t.to(device, non_blocking=non_blocking) for t in v]
-            return v
+        """On ``device``; pinned tensors (``pin_memory``) are copied to an accelerator without waiting."""
+        accelerator = torch.device(device).type != "cpu"
 
-        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        def one(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=non_blocking or (accelerator and t.is_pinned()))
+
+        return replace(self, **{f.name: _map_tensors(getattr(self, f.name), one) for f in fields(self)})
+
+    def pin_memory(self) -> "Batch":
+        """In page-locked memory (the DataLoader's ``pin_memory=True`` calls this), so copies to the GPU are
+        asynchronous."""
+        return replace(self, **{f.name: _map_tensors(getattr(self, f.name), Tensor.pin_memory) for f in fields(self)})
+
+    def normalized(self) -> "Batch":
+        """With float images normalised as the models take them (`vlm.data.transforms.normalize`), from the
+        loader's uint8: called once, on the device, for every task (`ImageTextDataModule.on_after_batch_transfer`)
+        and by whatever reads a loader's batches outside Lightning's loops. Float images are left as they are."""
+        out = replace(self, images=normalize(self.images, self.pixel_mask))
+        if self.images2 is not None:
+            out.images2 = normalize(self.images2, self.pixel_mask2)
+        return out
+
+
+def _map_tensors(v, fn):
+    """``fn`` of a tensor, or of each tensor of a list of them; anything else as it is."""
+    if isinstance(v, Tensor):
+        return fn(v)
+    if isinstance(v, list) and v and isinstance(v[0], Tensor):
+        return [fn(t) for t in v]
+    return v
 
 
 def rows_of(batch: Batch, k: int) -> Batch:
@@ -84,16 +108,32 @@ def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
 
     Images [3, H, W] give [B, 3, H, W] and a mask [B, H, W]. Where any sample is a clip [T, 3, H, W] the batch is
     of clips, [B, T, 3, H, W] with a mask [B, T, H, W]: an image is a clip of one frame, and a clip shorter than
-    the longest is padded with frames whose mask is all False.
+    the longest is padded with frames whose mask is all False. Padding is 0.
+
+    Images keep their memory layout: the loader's uint8 images are channels-last (decoders write pixels
+    interleaved, and the resize keeps them so), and so is their batch, since turning them into planes here would
+    cost a loader's core as much as the resize; `vlm.data.transforms.normalize` makes the planes on the device.
+    Each pixel is written once (the images, then only their padding).
     """
     h = max(im.shape[-2] for im in images)
     w = max(im.shape[-1] for im in images)
     if all(im.dim() == 3 for im in images):
-        out = images[0].new_zeros(len(images), images[0].shape[0], h, w)
-        mask = torch.zeros(len(images), h, w, dtype=torch.bool)
+        channels_last = all(im.stride(0) == 1 and im.shape[0] > 1 for im in images)
+        if all(im.shape == images[0].shape for im in images):
+            if channels_last:
+                return (torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2),
+                        torch.ones(len(images), h, w, dtype=torch.bool))
+            return torch.stack(images), torch.ones(len(images), h, w, dtype=torch.bool)
+        n, c = len(images), images[0].shape[0]
+        out = images[0].new_empty(n, h, w, c).permute(0, 3, 1, 2) if channels_last else images[0].new_empty(n, c, h, w)
+        mask = torch.ones(n, h, w, dtype=torch.bool)
         for i, im in enumerate(images):
-            out[i, :, : im.shape[1], : im.shape[2]] = im
-            mask[i, : im.shape[1], : im.shape[2]] = True
+            ih, iw = im.shape[1:]
+            out[i, :, :ih, :iw] = im
+            out[i, :, :ih, iw:] = 0
+            out[i, :, ih:] = 0
+            mask[i, :ih, iw:] = False
+            mask[i, ih:] = False
         return out, mask
     clips = [im if im.dim() == 4 else im[None] for im in images]
     t = max(c.shape[0] for c in clips)

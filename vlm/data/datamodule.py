@@ -63,7 +63,10 @@ class ImageTextDataModule(L.LightningDataModule):
     captions on first use. ``collate``: a
     partial that makes the batch maker, given the tokenizer where it takes one (the task's, ``task.collate``;
     None: images and tokenised text, `Collator`). ``video``: which frames make a video's clip (`ClipSampler`);
-    a source may give videos, images or both (a mixture). Errors name the argument at fault (``train_files: ...``).
+    a source may give videos, images or both (a mixture). ``decode``: ``fast`` decodes and resizes uint8 tensors
+    (`vlm.data.decode.decode_tensor`) into uint8 batches the task normalises on its device; ``pil``: PIL decodes
+    and resizes, and the workers normalise to float (the slower reference path). Errors name the argument at fault
+    (``train_files: ...``).
     """
 
     def __init__(
@@ -94,8 +97,10 @@ class ImageTextDataModule(L.LightningDataModule):
         region_features: str | None = None,
         answer_min_count: Annotated[int, Ge(1)] = 9,
         video: ClipSampler | None = None,
+        decode: Literal["fast", "pil"] = "fast",
     ):
         super().__init__()
+        self.decode = decode
         self.mixed = bool(mix)
         if mix:
             if any(f is not None for f in (train_files, val_files, test_files)) or source is not None:
@@ -266,20 +271,27 @@ class ImageTextDataModule(L.LightningDataModule):
             given["answers"] = self.answer_vocab
         collate = self.collate(**given)
         transform = build_transform(self.image_size, self.max_size, self.size_divisor, self.augment if train else "none",
-                                    self.token_budget)
+                                    self.token_budget, normalize=self.decode == "pil")
         weights = [p.weight for p in self.parts.values()] if train else None
         return ShardStream(parts, transform, collate, self.device_batch_size, seed=self.seed,
                            shuffle=self.shuffle and train, endless=train, weights=weights, **self.checks,
                            regions=RegionFile(self.region_features) if self.region_features else None,
-                           clips=self.video)
+                           clips=self.video, decode=self.decode)
 
     def example_batch(self, split: str = "val") -> Batch:
-        """The split's first batch, read in this process from a fresh one-pass stream (for cost counts)."""
-        return next(iter(StreamLoader(self.stream(split, one_pass=True), None, num_workers=0)))
+        """The split's first batch, read in this process from a fresh one-pass stream, its images normalised as a
+        task takes them (for cost counts)."""
+        return next(iter(StreamLoader(self.stream(split, one_pass=True), None, num_workers=0))).normalized()
 
     def _loader(self, split: str, progress: StreamProgress | None = None) -> StreamLoader:
         on_start = None if progress is not None else self.skipped.setdefault(split, Counter()).clear
-        return StreamLoader(self.stream(split), progress, on_start, num_workers=self.num_workers, pin_memory=False)
+        trainer = self.trainer
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        # evaluation loaders start from the beginning every time: their workers can stay. A training loader's
+        # workers start where `progress` says when they are started, so they are started afresh
+        persistent = self.num_workers > 0 and progress is None
+        return StreamLoader(self.stream(split), progress, on_start, num_workers=self.num_workers, pin_memory=pin,
+                            persistent_workers=persistent)
 
     def train_dataloader(self) -> StreamLoader:
         # overfitting repeats the same few batches each epoch: start from the beginning every time
@@ -300,6 +312,13 @@ class ImageTextDataModule(L.LightningDataModule):
         if split == "train":
             self.progress.consume(batch)
         return batch
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        # the loader's uint8 images become the models' normalised floats here, on the device: a quarter of the bytes
+        # to pin and copy, no float work in the workers. Every task's batches pass here (Lightning calls the data
+        # module's hook in training, validation and test); code that reads a loader outside Lightning calls
+        # Batch.normalized itself
+        return batch.normalized()
 
     def state_dict(self) -> dict:
         return {"progress": self.progress.state_dict(), "skipped": {k: dict(v) for k, v in self.skipped.items()},

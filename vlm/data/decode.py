@@ -1,13 +1,16 @@
-"""Image bytes -> RGB PIL image, or a `BadSample` naming why not. We decode, never `datasets`:
-one truncated JPEG must cost one sample, not the stream."""
+"""Image bytes -> RGB PIL image (`decode_image`) or uint8 tensor (`decode_tensor`, the loader's fast path), or a
+`BadSample` naming why not. We decode, never `datasets`: one truncated JPEG must cost one sample, not the stream."""
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # far above any sane image, still a cap on decompression bombs
 
@@ -53,9 +56,9 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0) -> Image.Image:
-    """Decode and convert to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit all converted, not dropped), turned
-    upright by its EXIF orientation as viewers show it (a phone's portrait photo is stored sideways)."""
+def _open(data: bytes | None, min_side: int, max_aspect: float) -> Image.Image:
+    """The image's header (PIL reads no pixel yet), checked: present, not a decompression bomb, not too small or
+    too elongated. The checks are symmetric in width and height, so they hold before and after EXIF turns it."""
     if data is None:
         raise BadSample("missing_image")
     if len(data) == 0:
@@ -65,8 +68,6 @@ def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSample("huge_image", str(e)) from None
     except Exception as e:  # PIL raises many types for broken bytes
@@ -76,7 +77,67 @@ def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0
         raise BadSample("tiny_image", f"{w}x{h}")
     if max(w, h) / min(w, h) > max_aspect:
         raise BadSample("extreme_aspect", f"{w}x{h}")
-    return to_rgb(img)
+    return img
+
+
+def _load(img: Image.Image) -> Image.Image:
+    """Decode the pixels and turn them upright; broken bytes are a corrupt_image."""
+    try:
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception as e:
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return img
+
+
+def decode_image(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0) -> Image.Image:
+    """Decode and convert to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit all converted, not dropped), turned
+    upright by its EXIF orientation as viewers show it (a phone's portrait photo is stored sideways)."""
+    return to_rgb(_load(_open(data, min_side, max_aspect)))
+
+
+# EXIF orientations that swap width and height (a quarter turn, with or without a mirror)
+_QUARTER_TURNS = (5, 6, 7, 8)
+REDUCE_FROM = 2.0  # decode a JPEG at 1/2, 1/4 or 1/8 scale when it is resized at least this much smaller
+
+
+def decode_tensor(data: bytes | None, min_side: int = 8, max_aspect: float = 10.0,
+                  shape: Callable[[int, int], tuple[int, int]] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """What `decode_image` decodes, as a uint8 tensor [3, h, w], and the upright image's full (height, width),
+    with the same checks (read from the header, before any pixel is decoded).
+
+    JPEGs (RGB or grey) are decoded by libjpeg-turbo without PIL's per-image conversions: when ``shape`` (the
+    size the image will be resized to, given its full size) is ``REDUCE_FROM`` times smaller or more on both sides,
+    at the largest of 1/2, 1/4, 1/8 scale that keeps it at least that large (libjpeg's DCT scaling, `Image.draft`:
+    less to decode and less to resize, so (h, w) is then smaller than the full size); otherwise whole, by
+    `torchvision.io.decode_jpeg`. Everything else (PNG, WebP, CMYK, 16-bit, ...) goes through `decode_image`.
+    """
+    img = _open(data, min_side, max_aspect)
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        img = to_rgb(_load(img))
+        return _tensor(img), (img.height, img.width)
+    try:
+        turned = img.getexif().get(0x0112, 1) in _QUARTER_TURNS
+    except Exception as e:  # an EXIF block PIL cannot parse: as `_load` would find it
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    w, h = img.size
+    full = (w, h) if turned else (h, w)
+    if shape is not None:
+        th, tw = shape(*full)
+        if min(full[0] / th, full[1] / tw) >= REDUCE_FROM:
+            img.draft("RGB", (th, tw) if turned else (tw, th))  # (width, height) as stored
+            return _tensor(to_rgb(_load(img))), full
+    try:
+        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True)
+    except RuntimeError as e:  # libjpeg's errors: truncated, garbage after the header, ...
+        raise BadSample("corrupt_image", str(e).rsplit(", ", 1)[-1]) from None
+    return pixels, full
+
+
+def _tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W] (a writable copy)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

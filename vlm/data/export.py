@@ -4,8 +4,10 @@ img2dataset webdataset shards, parquet, COCO Karpathy (json + image folders) and
 (``metadata.jsonl`` / ``.csv``): to try a ``data=`` config end to end, and for the tests and the data
 benchmark. ``--failed`` and ``--corrupt`` give the share of failed downloads (img2dataset leaves only
 ``KEY.json`` with ``"status": "failed_to_download"``) and of broken image bytes (half truncated, half garbage).
+``photos``: webdataset shards of the scenes as photo-sized JPEGs (``--size``), what decoding costs on real photos.
 
     python -m vlm.data.export webdataset --out /tmp/web --train 2000 --val 200 --shards 2 --failed 0.03 --corrupt 0.1
+    python -m vlm.data.export photos --size 1600x1200 --out /tmp/photos --train 256 --val 32
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm.data.synthetic import SPLITS, _caption, layout, make_sample
+from vlm.data.synthetic import COLORS, SPLITS, _caption, _draw_shape, jpeg, layout, make_sample
 
 FORMATS = ("webdataset", "parquet", "coco_karpathy", "imagefolder")
+PHOTO_SIZES = ((640, 480), (1600, 1200))  # (width, height): a web photo, a camera's
 
 
 def scenes(split: str, n: int, seed: int = 0) -> Iterator[tuple[str, bytes, dict]]:
@@ -62,18 +65,21 @@ def _chunks(n: int, parts: int) -> list[range]:
 
 
 def write_webdataset(out: str | Path, split: str, n: int, shards: int = 1, seed: int = 0, failed: float = 0.0,
-                     corrupt: float = 0.0) -> list[str]:
+                     corrupt: float = 0.0, sample=None) -> list[str]:
     """img2dataset's layout: ``KEY.jpg``, ``KEY.txt`` and ``KEY.json`` (url, key, status, caption, size; plus
-    the scene's boxes), in ``<split>-00000.tar`` ...; a failed download leaves only ``KEY.json``."""
+    the scene's boxes), in ``<split>-00000.tar`` ...; a failed download leaves only ``KEY.json``. ``sample``: i ->
+    (key, JPEG bytes, metadata) instead of the built-in scenes'."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = list(scenes(split, n, seed))
+    if sample is None:
+        samples = list(scenes(split, n, seed))
+        sample = samples.__getitem__
     paths = []
     for k, idx in enumerate(_chunks(n, shards)):
         path = out / f"{split}-{k:05d}.tar"
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in idx:
-                key, jpg, meta = samples[i]
+                key, jpg, meta = sample(i)
                 how = damage(key, seed, failed, corrupt)
                 url = f"https://example.invalid/{key}.jpg"
                 if how == "failed":
@@ -87,6 +93,49 @@ def write_webdataset(out: str | Path, split: str, n: int, shards: int = 1, seed:
                 _add(tar, f"{key}.json", json.dumps(record).encode())
         paths.append(str(path))
     return paths
+
+
+def photo(seed: int, split: str, index: int, width: int, height: int, partner: int) -> tuple[str, bytes, dict]:
+    """Built-in scene ``index`` as a ``width`` x ``height`` photo: JPEG quality 90, its shapes scaled to the frame
+    over a background of 1/f noise (natural images' spectrum: equal contrast per octave), fine grain over
+    everything, so that the file (about 2.5 bits per pixel, as a camera's photo) costs what a photo costs to
+    decode. Its metadata is the scene's, boxes scaled (the scene scaled whole to fit the frame, centred)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+
+    key, _, meta = make_sample(seed, split, index, partner)
+    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, SPLITS[split], index, 5]).integers(2**62)))
+
+    def noise(h: int, w: int, colour: float) -> torch.Tensor:  # [1, 3, h, w]: luminance, some colour
+        return torch.randn(1, 1, h, w, generator=g) + colour * torch.randn(1, 3, h, w, generator=g)
+
+    octaves = max(1, int(np.log2(min(width, height) / 4)))
+    x = noise(max(1, height >> octaves), max(1, width >> octaves), 0.6)
+    for k in range(octaves - 1, 0, -1):  # coarse to fine, each octave half the contrast of the one above
+        size = (max(1, height >> k), max(1, width >> k))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False) * 2.0 + noise(*size, 0.3)
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    x = (x - x.mean()) / x.std() * 48 + 118
+    img = Image.fromarray(x[0].clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    scale = min(width / meta["width"], height / meta["height"])  # the scene scaled whole (shapes stay square), centred
+    dx, dy = (width - meta["width"] * scale) / 2, (height - meta["height"] * scale) / 2
+    boxes = [[round(x1 * scale + dx), round(y1 * scale + dy), round(x2 * scale + dx), round(y2 * scale + dy)]
+             for x1, y1, x2, y2 in meta["boxes"]]
+    draw = ImageDraw.Draw(img)
+    for box, obj in zip(boxes, meta["objects"]):
+        _draw_shape(draw, obj["shape"], tuple(box), COLORS[obj["color"]])
+    grain = torch.randn(height, width, 1, generator=g) * 6
+    pixels = (torch.from_numpy(np.array(img)).float() + grain).clamp(0, 255).to(torch.uint8)
+    return key, jpeg(Image.fromarray(pixels.numpy())), {**meta, "width": width, "height": height, "boxes": boxes}
+
+
+def write_photos(out: str | Path, split: str, n: int, size: tuple[int, int] = PHOTO_SIZES[0], shards: int = 1,
+                 seed: int = 0, failed: float = 0.0, corrupt: float = 0.0) -> list[str]:
+    """`write_webdataset`'s layout, the scenes as ``size`` = (width, height) photos (`photo`), written a shard at
+    a time."""
+    return write_webdataset(out, split, n, shards, seed, failed, corrupt,
+                            sample=lambda i: photo(seed, split, i, *size, (i + 1) % max(n, 2)))
 
 
 def write_parquet(out: str | Path, split: str, n: int, shards: int = 1, rows_per_group: int = 64, seed: int = 0,
@@ -183,9 +232,13 @@ def write_imagefolder(out: str | Path, split: str, n: int, metadata: str = "json
 
 
 def export(fmt: str, out: str | Path, train: int, val: int, shards: int = 1, seed: int = 0, failed: float = 0.0,
-           corrupt: float = 0.0) -> dict[str, list[str] | str]:
-    """One format, train and val splits; returns the files to give as data.train_files / data.val_files."""
+           corrupt: float = 0.0, size: tuple[int, int] = PHOTO_SIZES[0]) -> dict[str, list[str] | str]:
+    """One format (or ``photos`` of ``size``), train and val splits; returns the files to give as
+    data.train_files / data.val_files."""
     kw = dict(seed=seed, failed=failed, corrupt=corrupt)
+    if fmt == "photos":
+        return {"train": write_photos(out, "train", train, size, shards, **kw),
+                "val": write_photos(out, "val", val, size, 1, **kw)}
     if fmt == "webdataset":
         return {"train": write_webdataset(out, "train", train, shards, **kw), "val": write_webdataset(out, "val", val, 1, **kw)}
     if fmt == "parquet":
@@ -195,13 +248,24 @@ def export(fmt: str, out: str | Path, train: int, val: int, shards: int = 1, see
         return {"train": path, "val": path}
     if fmt == "imagefolder":
         return {"train": write_imagefolder(out, "train", train, **kw), "val": write_imagefolder(out, "val", val, **kw)}
-    raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
+    raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}, photos")
+
+
+def photo_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1600x1200, got {text!r}") from None
+    if min(w, h) < 16:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be at least 16 pixels")
+    return w, h
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m vlm.data.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("format", choices=FORMATS)
+    p.add_argument("format", choices=(*FORMATS, "photos"))
     p.add_argument("--out", required=True)
+    p.add_argument("--size", type=photo_size, default=PHOTO_SIZES[0], help="photos: WIDTHxHEIGHT (default 640x480)")
     p.add_argument("--train", type=int, default=2000, help="training samples (images for coco_karpathy)")
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--shards", type=int, default=2, help="training shards (webdataset, parquet)")
@@ -209,10 +273,10 @@ def main() -> None:
     p.add_argument("--failed", type=float, default=0.0, help="share of failed downloads")
     p.add_argument("--corrupt", type=float, default=0.0, help="share of broken image bytes")
     a = p.parse_args()
-    files = export(a.format, a.out, a.train, a.val, a.shards, a.seed, a.failed, a.corrupt)
+    files = export(a.format, a.out, a.train, a.val, a.shards, a.seed, a.failed, a.corrupt, a.size)
     for split, f in files.items():
         print(f"{split}: {' '.join(f) if isinstance(f, list) else f}")
-    if a.format == "webdataset":
+    if a.format in ("webdataset", "photos"):
         print(os.path.join(a.out, "train-{00000..%05d}.tar" % (a.shards - 1)))
 
 

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 from vlm.data.collate import Batch
-from vlm.data.decode import BadSample, decode_image
+from vlm.data.decode import BadSample, decode_image, decode_tensor
 from vlm.data.sample import Sample
 from vlm.data.sources import Shard, Source, read_bytes, read_shard
 from vlm.data.transforms import clean_boxes, proper
@@ -61,6 +62,9 @@ class ShardStream(IterableDataset):
     shard of every part since its last usable sample: a whole pass that gave nothing. ``max_bad_run``: stop
     after that many unusable samples in a row instead (None: no such limit). ``clips``: which frames of a video
     make its clip (`ClipSampler`; random per segment in an endless stream, segment middles in a finite one).
+    ``decode``: ``fast`` decodes images to uint8 tensors (`decode_tensor`: libjpeg's reduced-scale decoding where
+    the transform shrinks a JPEG 2x or more, torchvision's decode_jpeg otherwise) before the transform; ``pil``
+    hands the transform PIL images (`decode_image`).
     """
 
     def __init__(
@@ -80,8 +84,12 @@ class ShardStream(IterableDataset):
         max_bad_run: int | None = None,
         regions=None,
         clips: ClipSampler | None = None,
+        decode: str = "fast",
     ):
         super().__init__()
+        if decode not in ("fast", "pil"):
+            raise ValueError(f"decode must be 'fast' or 'pil', got {decode!r}")
+        self.decode = decode
         self.parts = [(source, list(shards)) for source, shards in parts]
         if not self.parts or not all(shards for _, shards in self.parts):
             raise ValueError("every data source needs at least one shard")
@@ -219,16 +227,28 @@ class ShardStream(IterableDataset):
             raise BadSample("long_caption", f"{len(text)} characters")
         return text, None
 
-    def _transformed(self, img, boxes, labels) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
-        """(image, boxes, labels, boxes dropped) after the transform; bad boxes are dropped and counted, not their
-        sample."""
+    def _image(self, data: bytes | None, boxes, labels) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+        """(image, boxes, labels, boxes dropped): decoded and transformed; bad boxes are dropped and counted, not
+        their sample. Boxes are in the upright full image's pixels whichever way it was decoded."""
+        if self.decode == "pil":
+            img = decode_image(data, self.min_image_side, self.max_aspect)
+            pixels, full, size = img, (img.height, img.width), None
+        else:
+            shape = getattr(self.transform, "shape", None)
+            pixels, full = decode_tensor(data, self.min_image_side, self.max_aspect, shape)
+            pixels = tv_tensors.Image(pixels)
+            # decoded at a reduced scale: resized to the size the full image gets, whatever the reduced one's rounding
+            size = shape(*full) if tuple(pixels.shape[-2:]) != full else None
+        kw = {} if size is None else {"size": size}
         if boxes is None:
-            return self.transform(img), None, None, 0
-        boxes, labels, dropped = clean_boxes(boxes, labels, img.height, img.width)
-        image, boxes = self.transform(img, boxes)
+            return self.transform(pixels, **kw).as_subclass(torch.Tensor), None, None, 0
+        boxes, labels, dropped = clean_boxes(boxes, labels, *full)
+        if size is not None:
+            boxes = F.resize(boxes, list(pixels.shape[-2:]))  # into the reduced image's frame
+        image, boxes = self.transform(pixels, boxes, **kw)
         boxes = boxes.as_subclass(torch.Tensor)
         kept = proper(boxes)  # an augmentation may carry a box out of the picture: not the data's fault
-        return image, boxes[kept], labels[kept], dropped
+        return image.as_subclass(torch.Tensor), boxes[kept], labels[kept], dropped
 
     def _prepare(self, ex: dict, epoch: int) -> tuple[Sample, int]:
         if ex.get("bad"):
@@ -243,14 +263,11 @@ class ShardStream(IterableDataset):
             sample.image = self.transform(clip).as_subclass(torch.Tensor)
             return sample, dropped
         data = read_bytes(ex["image_path"]) if "image_path" in ex else ex.get("image")
-        img = decode_image(data, self.min_image_side, self.max_aspect)
-        sample.image, sample.boxes, sample.box_labels, dropped = self._transformed(img, ex.get("boxes"),
-                                                                                  ex.get("box_labels"))
+        sample.image, sample.boxes, sample.box_labels, dropped = self._image(data, ex.get("boxes"), ex.get("box_labels"))
         if "image2" in ex or "image2_path" in ex:  # a second image (NLVR2's pair), transformed on its own
             data2 = read_bytes(ex["image2_path"]) if "image2_path" in ex else ex.get("image2")
-            img2 = decode_image(data2, self.min_image_side, self.max_aspect)
-            sample.image2, sample.boxes2, sample.box_labels2, dropped2 = self._transformed(img2, ex.get("boxes2"),
-                                                                                          ex.get("box_labels2"))
+            sample.image2, sample.boxes2, sample.box_labels2, dropped2 = self._image(data2, ex.get("boxes2"),
+                                                                                    ex.get("box_labels2"))
             dropped += dropped2
         if self.regions is not None:
             regions = self.regions.sample_fields(ex["key"], *sample.image.shape[-2:])

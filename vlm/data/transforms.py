@@ -1,5 +1,9 @@
 """Image transforms on torchvision transforms v2, so boxes follow every resize and flip; the normalisation every
-model and tool shares (`MEAN`, `STD`, `denormalize`)."""
+model and tool shares (`MEAN`, `STD`, `normalize`, `denormalize`).
+
+The loader's transform keeps images uint8 (`ImageTransform` with ``normalize=False``): a quarter of the bytes to
+collate, pin and copy, and torchvision's uint8 resize kernels; `normalize` turns them to floats once, on the device
+(`vlm.data.collate.Batch.normalized`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import math
 
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -19,6 +24,21 @@ from torchvision.transforms.v2._utils import query_size
 # pixel normalisation (Kim et al. 2021, ViLT, and its public code: mean = std = 0.5 per channel)
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
+
+
+def normalize(images: Tensor, pixel_mask: Tensor | None = None) -> Tensor:
+    """The loader's uint8 images [..., 3, H, W] (channels-last or not) -> contiguous floats normalised as the
+    models take them, ``(x / 255 - MEAN) / STD``, their padding (``pixel_mask`` False) 0 as the float path pads it;
+    float images are returned as they are (already normalised)."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(STD, device=images.device)[:, None, None]
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device).copy_(images)
+    out.div_(255).sub_(mean).div_(std)
+    if pixel_mask is not None:
+        out.masked_fill_(~pixel_mask.unsqueeze(-3), 0.0)
+    return out
 
 
 def denormalize(images: Tensor) -> Tensor:
@@ -55,9 +75,12 @@ class MinMaxResize(v2.Transform):
         super().__init__()
         self.shorter, self.longer, self.divisor = shorter, longer, divisor
 
+    def shape(self, h: int, w: int) -> tuple[int, int]:
+        """The size an image of ``h`` x ``w`` is resized to."""
+        return resized_shape(h, w, self.shorter, self.longer, self.divisor)
+
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        h, w = query_size(flat_inputs)
-        return {"size": resized_shape(h, w, self.shorter, self.longer, self.divisor)}
+        return {"size": self.shape(*query_size(flat_inputs))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(
@@ -72,9 +95,8 @@ class BudgetResize(MinMaxResize):
         v2.Transform.__init__(self)
         self.tokens, self.divisor = tokens, divisor
 
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        h, w = query_size(flat_inputs)
-        return {"size": budget_shape(h, w, self.tokens, self.divisor)}
+    def shape(self, h: int, w: int) -> tuple[int, int]:
+        return budget_shape(h, w, self.tokens, self.divisor)
 
 
 class RandAugmentWithBoxes(v2.RandAugment):
@@ -103,29 +125,64 @@ class RandAugmentWithBoxes(v2.RandAugment):
         return tree_unflatten(flat, spec)
 
 
+class ImageTransform:
+    """An image (PIL, or uint8 tv_tensors ``Image`` [3, H, W] / ``Video`` [T, 3, H, W]) with any boxes and masks ->
+    the model's input: RandAugment where asked, the resize, then a tensor, float and normalised (``normalize``) or
+    uint8 for `normalize` to finish on the device; boxes clamped to the new frame. Called as a v2 transform:
+    ``transform(image)``, ``transform(image, boxes)``, ... return the same structure.
+
+    ``size``: the output (height, width) instead of the resize's choice for this image (`shape`): a decoder that
+    decoded a JPEG at a reduced scale passes the size chosen for the full image, so that the output does not
+    depend on how it was decoded.
+    """
+
+    def __init__(self, resize: MinMaxResize, augment: v2.Transform | None = None, normalize: bool = True):
+        self.resize, self.augment, self.normalize = resize, augment, normalize
+        finish = [v2.ToImage()]
+        if normalize:
+            finish += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(MEAN), std=list(STD))]
+        self.finish = v2.Compose([*finish, v2.ClampBoundingBoxes()])
+        self._to_size: dict[tuple[int, int], v2.Resize] = {}
+
+    def shape(self, h: int, w: int) -> tuple[int, int]:
+        """The output size of an image of ``h`` x ``w``."""
+        return self.resize.shape(h, w)
+
+    def __call__(self, *inputs: Any, size: tuple[int, int] | None = None) -> Any:
+        resize = self.resize
+        if size is not None:
+            size = (int(size[0]), int(size[1]))
+            if size not in self._to_size:
+                self._to_size[size] = v2.Resize(list(size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+            resize = self._to_size[size]
+        steps = [self.augment, resize, self.finish] if self.augment is not None else [resize, self.finish]
+        unpack = len(inputs) > 1
+        out = None
+        for step in steps:
+            out = step(*inputs)
+            inputs = out if unpack else (out,)
+        return out
+
+
 def build_transform(image_size: int = 384, max_size: int | None = None, size_divisor: int = 32, augment: str = "none",
-                    token_budget: int | None = None):
-    """PIL image (+ BoundingBoxes) -> normalised float tensor (+ boxes in the new pixel frame).
+                    token_budget: int | None = None, normalize: bool = True) -> ImageTransform:
+    """PIL image or uint8 tensor (+ BoundingBoxes) -> tensor (+ boxes in the new pixel frame): `ImageTransform`.
 
     ``max_size`` defaults to ViLT's int(1333 / 800 * image_size). ``augment``: ``none`` (pretraining) or
     ``randaugment`` (fine-tuning: N=2, M=9; torchvision's op set has no inversion and no cutout, as ViLT).
     ``token_budget``: instead of ViLT's shorter side, each image at its native aspect ratio and the largest size
-    with at most that many ``size_divisor`` cells (`budget_shape`).
+    with at most that many ``size_divisor`` cells (`budget_shape`). ``normalize``: float normalised images; False:
+    uint8, for `normalize` on the device (the loader's).
     """
     max_size = max_size or int(1333 / 800 * image_size)
-    steps: list = []
     if augment == "randaugment":
-        steps.append(RandAugmentWithBoxes(num_ops=2, magnitude=9))
-    elif augment != "none":
+        augmentation = RandAugmentWithBoxes(num_ops=2, magnitude=9)
+    elif augment == "none":
+        augmentation = None
+    else:
         raise ValueError(f"augment must be 'none' or 'randaugment', got {augment!r}")
-    steps += [
-        BudgetResize(token_budget, size_divisor) if token_budget else MinMaxResize(image_size, max_size, size_divisor),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(MEAN), std=list(STD)),
-        v2.ClampBoundingBoxes(),
-    ]
-    return v2.Compose(steps)
+    resize = BudgetResize(token_budget, size_divisor) if token_budget else MinMaxResize(image_size, max_size, size_divisor)
+    return ImageTransform(resize, augmentation, normalize)
 
 
 def to_boxes(boxes, height: int, width: int) -> tv_tensors.BoundingBoxes:
@@ -141,19 +198,27 @@ def proper(boxes: Tensor) -> Tensor:
 def clean_boxes(boxes, labels, height: int, width: int) -> tuple[tv_tensors.BoundingBoxes, Tensor, int]:
     """A source's boxes (pixel xyxy) and labels -> (the usable boxes clipped to the image, their labels, how many
     were dropped). Dropped: NaN or infinite coordinates, inverted boxes, boxes with no area inside the image; all
-    of them when the field is not K x 4 numbers or the labels do not match. Missing labels are 0."""
+    of them when the field is not K x 4 numbers or the labels do not match. Missing labels are 0. (NumPy for the
+    few numbers of a sample: torch's per-operation cost is what a loader's core would spend here.)"""
     try:
-        t = torch.as_tensor(boxes, dtype=torch.float32)
-        if t.numel() and (t.ndim != 2 or t.shape[1] != 4):
-            raise ValueError(f"boxes of shape {tuple(t.shape)}")
+        with np.errstate(all="ignore"):  # numbers too large for float32 become inf, dropped below
+            t = np.asarray(boxes, dtype=np.float32)
+        if t.size and (t.ndim != 2 or t.shape[1] != 4):
+            raise ValueError(f"boxes of shape {t.shape}")
         t = t.reshape(-1, 4)
-        lab = torch.zeros(len(t), dtype=torch.int64) if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+        lab = np.zeros(len(t), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
         if lab.shape != (len(t),):
-            raise ValueError(f"{len(t)} boxes, labels of shape {tuple(lab.shape)}")
+            raise ValueError(f"{len(t)} boxes, labels of shape {lab.shape}")
     except (TypeError, ValueError, RuntimeError, OverflowError):
         n = len(boxes) if isinstance(boxes, (list, tuple)) else 1
         return to_boxes([], height, width), torch.zeros(0, dtype=torch.int64), max(n, 1)
-    limits = t.new_tensor([width, height, width, height])
-    clipped = torch.minimum(t.nan_to_num(nan=-1.0).clamp(min=0), limits)
-    keep = proper(t) & proper(clipped)
-    return to_boxes(clipped[keep], height, width), lab[keep], int((~keep).sum())
+    limits = np.array([width, height, width, height], dtype=np.float32)
+    clipped = np.minimum(np.nan_to_num(t, nan=-1.0).clip(min=0), limits)
+    keep = _proper(t) & _proper(clipped)
+    return (to_boxes(torch.from_numpy(clipped[keep]), height, width), torch.from_numpy(lab[keep]),
+            int((~keep).sum()))
+
+
+def _proper(boxes: np.ndarray) -> np.ndarray:
+    """`proper` of a NumPy array."""
+    return np.isfinite(boxes).all(-1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])

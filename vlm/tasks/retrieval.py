@@ -45,7 +45,7 @@ def collect(task, loader, n_pairs: int) -> tuple[VisualTokens, Tensor, Tensor]:
     cls_pos = None
     seen = 0
     for batch in loader:
-        batch = batch.to(task.device)
+        batch = batch.to(task.device).normalized()
         take = min(len(batch), n_pairs - seen)
         visual = task.model.embedder(batch.images[:take], batch.pixel_mask[:take],
                                      batch.boxes[:take] if batch.boxes is not None else None,
@@ -230,7 +230,7 @@ class RetrievalLitModule(VLTaskModule):
             raise ValueError("task=retrieval: a batch needs at least 2 images to draw negatives from")
         visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes, batch.box_features)
         rng = torch.Generator().manual_seed(int(self.global_step) * 7919 + batch_idx)
-        texts = self.negative_texts(n, rng).to(self.device)                # [n, 1 + k]
+        texts = self.negative_texts(n, rng).to(self.device, non_blocking=True)  # [n, 1 + k]; no wait for the GPU
         images = torch.arange(n, device=self.device)[:, None].expand_as(texts)
         out = self.model(batch.input_ids[texts.flatten()], batch.attention_mask[texts.flatten()],
                          visual=visual.select(images.flatten()))
