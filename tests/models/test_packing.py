@@ -105,13 +105,22 @@ def test_one_example_per_row_equals_the_padded_path():
         close(real(one, i), real(padded, i))
 
 
-@torch.no_grad()  # FlexAttention has no backward on CPUs: there it serves evaluation
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@torch.no_grad()  # FlexAttention has no backward on CPUs
 def test_flex_attention_with_a_block_mask_equals_the_dense_mask():
-    ids, attn, images, pixel_mask = batch()
-    dense = model(enabled=True, seq_len=64, max_per_seq=8)(ids, attn, images, pixel_mask)
-    flex = model(enabled=True, seq_len=64, max_per_seq=8, attention="flex")(ids, attn, images, pixel_mask)
-    for i in range(len(ids)):
-        close(real(flex, i), real(dense, i))
+    """The blocks over packed rows, FlexAttention (eager, the reference) with the block mask against SDPA with the
+    dense mask; rows longer than one block of 128 tokens, the last block cut short."""
+    torch.manual_seed(0)
+    vilt = model()
+    mask = torch.arange(150)[None] < torch.tensor([150, 7, 90, 120, 33, 61, 140])[:, None]
+    layout = PackedLayout.of(mask, seq_len=300, max_per_seq=8)
+    assert layout.shape[1] > 128 and layout.shape[1] % 128
+    x = layout.pack(torch.randn(*mask.shape, 32, dtype=torch.float64))
+    flex, dense = x, x
+    for block in vilt.blocks:
+        flex, dense = block(flex, attn_mask=layout.block_mask()), block(dense, attn_mask=layout.dense_mask())
+    real = layout.segments >= 0
+    torch.testing.assert_close(flex[real], dense[real], rtol=1e-9, atol=1e-12)
 
 
 def test_an_example_longer_than_a_row_keeps_its_text_and_drops_visual_tokens_evenly():
@@ -140,3 +149,37 @@ def test_a_row_too_short_for_the_text_is_refused_when_built():
     with pytest.raises(ValueError, match="packing.seq_len=10 cannot hold a text of max_text_len=12"):
         ViLT(emb, vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, max_text_len=12,
              packing=Packing(enabled=True, seq_len=10))
+
+
+def test_the_block_mask_is_the_one_create_block_mask_makes():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = torch.arange(90)[None] < torch.tensor([90, 12, 40, 77, 3, 55, 90, 21, 64])[:, None]
+    layout = PackedLayout.of(mask, seq_len=200, max_per_seq=4)
+    seg = layout.segments
+    r, s = layout.shape
+    ours = layout.block_mask(block=32)  # small blocks: full, partial and empty ones, and a last one cut short
+    theirs = create_block_mask(lambda b, h, q, k: seg[b, q] == seg[b, k], B=r, H=None, Q_LEN=s, KV_LEN=s,
+                               device="cpu", BLOCK_SIZE=32)
+    assert s % 32 and ours.shape == theirs.shape
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert ours.kv_num_blocks.sum() > 0 and ours.full_kv_num_blocks.sum() > 0
+
+
+def test_evaluation_with_flex_on_a_cpu_takes_the_dense_mask_unless_compiled(monkeypatch):
+    """Eager FlexAttention on a CPU is its unfused reference, 10x SDPA's time a layer: evaluation there takes the
+    dense mask (the same outputs), and a block mask is built only for compiled FlexAttention."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a block mask was built for eager FlexAttention on a CPU")
+
+    monkeypatch.setattr(PackedLayout, "block_mask", refuse)
+    ids, attn, images, pixel_mask = batch()
+    flex = model(enabled=True, seq_len=64, max_per_seq=8, attention="flex")
+    with torch.no_grad():
+        out = flex(ids, attn, images, pixel_mask)
+    dense = model(enabled=True, seq_len=64, max_per_seq=8)(ids, attn, images, pixel_mask)
+    for i in range(len(ids)):
+        close(real(out, i), real(dense, i))
+

@@ -6,7 +6,8 @@ bf16 columns are left out on a CPU without native bf16, where they would take ~1
 report, each with ``WHAT`` (a line for ``--help``) and ``run(args) -> dict``.
 """
 
-from vlm.bench import data, embedders, model, packing, retrieval, step, threads, wpa
+from vlm.bench import data, embedders, gpu, model, native, packing, retrieval, step, threads, wpa
 
-REPORTS = {"step": step, "model": model, "embedders": embedders, "data": data, "wpa": wpa, "threads": threads,
-           "packing": packing, "retrieval": retrieval}
+REPORTS = {"step": step, "model": model, "native": native, "embedders": embedders, "data": data, "wpa": wpa,
+           "threads": threads, "packing": packing, "retrieval": retrieval, "gpu": gpu}
+EXPLICIT = ("retrieval", "gpu")  # run only when named: retrieval needs --ckpt, gpu a CUDA device

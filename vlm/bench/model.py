@@ -105,7 +105,7 @@ def run(args) -> dict:
 
     repeats = args.repeats or 3
     rows = []
-    for i, batch in enumerate(args.batches):
+    for i, batch in enumerate(args.batches or [8, 32]):
         x = inputs(batch)
         for precision in PRECISIONS:
             for backward in (False, True):

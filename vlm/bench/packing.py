@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import statistics
+import warnings
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.common import alternate, optimizer_for, train_step
-from vlm.models.packing import Packing
+from vlm.models.packing import PackedLayout, Packing
 
 WHAT = "padded batches against packed rows (NaViT) on wide-aspect scenes: padding, samples/s, dense mask vs FlexAttention"
 
@@ -76,26 +77,35 @@ def run(args) -> dict:
 
         times = alternate({"padded": step("padded"), "packed": step("packed")}, repeats)
         sps = {k: n / statistics.median(v) for k, v in times.items()}
-        # the transformer's forward alone over packed rows: a dense boolean mask against FlexAttention's block mask
-        # (FlexAttention has no backward on CPUs, so training steps above take the dense mask)
+        # the transformer's forward alone over packed rows, the mask built as a forward builds it: a dense boolean
+        # mask against FlexAttention's block mask, eager (its reference implementation, which the model leaves
+        # for the dense mask on a CPU) and compiled (FlexAttention has no backward on CPUs, so training steps
+        # above take the dense mask)
         text = model.text_embeddings(batch.input_ids) + model.token_type_embeddings.weight[0]
         with torch.no_grad():
             visual = model.embedder(batch.images, batch.pixel_mask)
             image, image_mask = model.embed_image(visual)
             x = torch.cat([text, image], 1)
             mask = torch.cat([batch.attention_mask.bool(), image_mask], 1)
+            layout = PackedLayout.of(mask, args.seq_len, 64)
+            rows = layout.pack(x)
 
-            def forward(attention, compiled=False):
+            def forward(kind):
                 def go():
-                    model.packing = Packing(enabled=True, seq_len=args.seq_len, max_per_seq=64, attention=attention,
-                                            compile_flex=compiled)
-                    model.packed_blocks(x, mask)
+                    attn_mask = layout.dense_mask() if kind == "dense" else layout.block_mask()
+                    if kind == "flex compiled":
+                        attn_mask.compiled = True
+                    y = rows
+                    for block in model.blocks:
+                        y = block(y, attn_mask=attn_mask)
                 return go
 
             kernels = {"dense": forward("dense"), "flex": forward("flex")}
             if args.compile:  # the first call compiles (about 20 s on 2 cores); one batch shape, so no recompiling
-                kernels["flex compiled"] = forward("flex", compiled=True)
-            fwd = alternate(kernels, repeats)
+                kernels["flex compiled"] = forward("flex compiled")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+                fwd = alternate(kernels, repeats)
         fwd_ms = {k: statistics.median(v) * 1e3 for k, v in fwd.items()}
         model.packing = Packing()
         out["cases"][preset] = {"batch": n, "padding_fraction_padded": padding["padded"],

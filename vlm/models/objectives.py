@@ -86,7 +86,7 @@ def wpa_masks(text_mask: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor]:
     positions = torch.arange(text.shape[1], device=text.device)
     last = torch.where(text, positions, -1).amax(1)
     rows = torch.arange(text.shape[0], device=text.device)
-    text[rows[last >= 0], last[last >= 0]] = False
+    text[rows, last.clamp(min=0)] = False  # a row without text has nothing to clear (no boolean index: no host sync)
     text[:, 0] = False
     image = image_mask.bool().clone()
     image[:, 0] = False

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
+import torch.nn.functional as F
 from annotated_types import Ge, Interval
 from torch import Tensor
 
@@ -75,28 +76,36 @@ class PackedLayout:
 
     @staticmethod
     def of(mask: Tensor, seq_len: int, max_per_seq: int) -> "PackedLayout":
-        """The layout of the real tokens of ``mask`` [B, T] (each example's count <= ``seq_len``)."""
-        b, t = mask.shape
-        lengths = mask.sum(1)
-        rows = assign_rows(lengths.tolist(), seq_len, max_per_seq)
-        row_of = torch.empty(b, dtype=torch.long)
-        start = torch.empty(b, dtype=torch.long)
-        width = 0
+        """The layout of the real tokens of ``mask`` [B, T] (each example's count <= ``seq_len``), on its device.
+
+        Planned on the host from one copy of the mask (the rows' sizes decide the shapes, so the host must know
+        them): one sync on a GPU, whatever the batch size, and one transfer back of the plan."""
+        device = mask.device
+        host = mask.cpu()
+        b, t = host.shape
+        lengths = host.sum(1).tolist()
+        rows = assign_rows(lengths, seq_len, max_per_seq)
+        row_of, start, fills = [0] * b, [0] * b, []
         for r, members in enumerate(rows):
             offset = 0
             for i in members:
                 row_of[i], start[i] = r, offset
-                offset += int(lengths[i])
-            width = max(width, offset)
-        device = mask.device
-        row_of, start = row_of.to(device), start.to(device)
-        index = mask.flatten().nonzero().squeeze(1)
+                offset += lengths[i]
+            fills.append(offset)
+        width = max(fills)
+        index = host.flatten().nonzero().squeeze(1)
         example = index // t
-        rank = mask.long().cumsum(1).flatten()[index] - 1  # the token's place among its example's real tokens
-        rows_t, cols = row_of[example], start[example] + rank
-        segments = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+        rank = host.long().cumsum(1).flatten()[index] - 1  # the token's place among its example's real tokens
+        rows_t = torch.tensor(row_of)[example]
+        cols = torch.tensor(start)[example] + rank
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
         segments[rows_t, cols] = example
-        return PackedLayout(index, rows_t, cols, segments, (len(rows), width))
+        plan = torch.cat([index, rows_t, cols, segments.flatten()])
+        if device.type != "cpu":
+            plan = plan.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else plan.to(device)
+        m = len(index)
+        return PackedLayout(plan[:m], plan[m : 2 * m], plan[2 * m : 3 * m], plan[3 * m :].view(len(rows), width),
+                            (len(rows), width))
 
     def pack(self, x: Tensor) -> Tensor:
         """[B, T, D] -> [R, S, D], padding slots zero."""
@@ -117,17 +126,32 @@ class PackedLayout:
         the softmax is empty)."""
         return (self.segments[:, :, None] == self.segments[:, None, :])[:, None]
 
-    def block_mask(self, compiled: bool = False):
-        """The same mask as a FlexAttention BlockMask: blocks wholly outside an example are skipped."""
-        from torch.nn.attention.flex_attention import create_block_mask
+    def block_mask(self, block: int = 128):
+        """The same mask as a FlexAttention BlockMask: blocks wholly outside an example are skipped.
+
+        Its blocks are read off the dense mask (a block any of whose pairs attend is computed, one all of whose
+        pairs do needs no mask); ``create_block_mask`` would evaluate the mask function pair by pair instead,
+        which on a CPU costs seconds a batch."""
+        from torch.nn.attention.flex_attention import BlockMask
 
         seg = self.segments
+        r, s = self.shape
+        n = -(-s // block)
+        same = F.pad(self.dense_mask()[:, 0], (0, n * block - s, 0, n * block - s))  # beyond the row: attends nothing
+        same = same.view(r, n, block, n, block)
+        full = same.all(4).all(2)  # [R, query blocks, key blocks]
+        partial = same.any(4).any(2) & ~full
+
+        def ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:  # per query block: how many, and which first
+            count = blocks.sum(-1, dtype=torch.int32)[:, None]
+            order = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)[:, None]
+            return count.contiguous(), order.contiguous()
 
         def same_example(b, h, q, k):
             return seg[b, q] == seg[b, k]
 
-        r, s = self.shape
-        return create_block_mask(same_example, B=r, H=None, Q_LEN=s, KV_LEN=s, device=seg.device, _compile=compiled)
+        return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, mask_mod=same_example,
+                                        seq_lengths=(s, s))
 
 
 def fit_to(mask: Tensor, text_len: Tensor, seq_len: int) -> tuple[Tensor, int]:

@@ -83,7 +83,7 @@ class Attention(TimmAttention):
 
     q, k and v are views of the qkv projection laid out [B, N, 3, H, d], so the backward pass writes
     their gradients back in that layout with one copy (timm's [3, B, H, N, d] permute costs two). On
-    the CPU in bf16 it computes softmax(QK^T)V itself, where SDPA's CPU kernel is the slower one (README:
+    the CPU in bf16 it computes softmax(QK^T)V itself, where SDPA's CPU kernel is the slower one (docs/benchmarks.md,
     Speed against transformers); in fp32 and on GPUs SDPA is the faster one.
     """
 
@@ -227,10 +227,16 @@ class ViLT(nn.Module):
         if self.packing.enabled:
             if self.training and self.packing.token_drop > 0:
                 image_mask = drop_tokens(image_mask, self.packing.token_drop)
-            image_mask, truncated = fit_to(image_mask, text_mask.sum(1), self.packing.seq_len)
-            self.stats["truncated"] += truncated
+            # the rows are planned on the host (their sizes are shapes): one copy of the masks there, none back
+            host = torch.cat([text_mask, image_mask], dim=1).cpu()
+            n_text = text_mask.shape[1]
+            kept, truncated = fit_to(host[:, n_text:], host[:, :n_text].sum(1), self.packing.seq_len)
+            if truncated:
+                self.stats["truncated"] += truncated
+                host = torch.cat([host[:, :n_text], kept], dim=1)
+                image_mask = kept.to(image_mask.device, non_blocking=True)
+            x = self.packed_blocks(x, host)
             mask = torch.cat([text_mask, image_mask], dim=1)
-            x = self.packed_blocks(x, mask)
         else:
             mask = torch.cat([text_mask, image_mask], dim=1)
             self.stats["slots"] += mask.numel()
@@ -250,13 +256,17 @@ class ViLT(nn.Module):
 
 
     def packed_blocks(self, x: Tensor, mask: Tensor) -> Tensor:
-        """The blocks over ``x`` [B, T, D] packed into rows (`vlm.models.packing`), back in the padded layout."""
+        """The blocks over ``x`` [B, T, D] packed into rows (`vlm.models.packing`), back in the padded layout;
+        ``mask`` [B, T], the real tokens, on the host or the device."""
         layout = PackedLayout.of(mask, self.packing.seq_len, self.packing.max_per_seq)
         self.stats["slots"] += layout.shape[0] * layout.shape[1]
-        # FlexAttention has no backward pass on CPUs (torch 2.14): there it serves evaluation, training takes the mask
-        flex = self.packing.attention == "flex" and not (x.device.type == "cpu" and torch.is_grad_enabled())
+        # On a CPU FlexAttention has no backward pass (torch 2.14), and eager it is the unfused reference (every
+        # score materialised, the mask evaluated pair by pair; 10x SDPA's time a layer): there it serves
+        # compiled evaluation only, and otherwise the dense mask computes the same outputs.
+        cpu = x.device.type == "cpu"
+        flex = self.packing.attention == "flex" and not (cpu and (torch.is_grad_enabled() or not self.packing.compile_flex))
         if flex:
-            attn_mask = layout.block_mask(self.packing.compile_flex)
+            attn_mask = layout.block_mask()
             attn_mask.compiled = self.packing.compile_flex
         else:
             attn_mask = layout.dense_mask()

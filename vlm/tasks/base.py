@@ -81,8 +81,8 @@ class VLTaskModule(L.LightningModule):
         """``data/padding_fraction``: the share of the transformer's token slots that held padding in this step
         (packed or padded alike); ``data/truncated``: visual tokens dropped to fit packed rows."""
         stats = getattr(self.network, "stats", None)
-        if stats and stats["slots"]:
-            self.log("data/padding_fraction", 1 - float(stats["real"]) / stats["slots"], batch_size=len(batch))
+        if stats and stats["slots"]:  # real: a tensor on the device when padded, read when logged, not every step
+            self.log("data/padding_fraction", 1 - stats["real"] / stats["slots"], batch_size=len(batch))
             if getattr(self.network, "packing", None) is not None and self.network.packing.enabled:
                 self.log("data/truncated", float(stats["truncated"]), batch_size=len(batch), reduce_fx="sum")
 

@@ -117,7 +117,7 @@ class RegionEmbedder(VisualEmbedder):
         whole = torch.stack([torch.zeros_like(widths), torch.zeros_like(heights), widths, heights], -1).to(images.dtype)
         boxes = [b.to(images.dtype) if len(b) else whole[i : i + 1] for i, b in enumerate(boxes)]
         padded = nn.utils.rnn.pad_sequence(boxes, batch_first=True)  # [B, K, 4]
-        counts = torch.tensor([len(b) for b in boxes], device=images.device)
+        counts = torch.tensor([len(b) for b in boxes]).to(images.device, non_blocking=True)  # no wait for the GPU
         valid = torch.arange(padded.shape[1], device=images.device)[None] < counts[:, None]
         index, token_mask = select_tokens(valid, cap)
         chosen = padded.gather(1, index[..., None].expand(-1, -1, 4))
