@@ -7,6 +7,7 @@ slower on one that does not (AVX2 only): the README has the figures. So the CPU 
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -39,7 +40,8 @@ def say_precision(trainer_cfg) -> None:
             why = " (this CPU has no native bf16, where bf16 runs ~100x slower)"
         elif precision.startswith("bf16"):
             why = " (this CPU computes bf16 natively)" if native else " (this CPU has no native bf16: expect ~100x slower)"
-    print(f"precision: {precision}{why}")
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:  # once per run
+        print(f"precision: {precision}{why}")
 
 
 def fast_cpu_precision() -> str:

@@ -208,9 +208,12 @@ def encode_video(frames: np.ndarray, fps: int = 8, codec: str = "libx264", conta
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}  # one thread: the same bytes under any load
+            stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.codec_context.thread_count = 1  # one thread here and in the conversion: the same bytes under any load
         for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p",
+                                                                                               threads=1)
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
