@@ -486,3 +486,86 @@ class CheckpointOnSignal(L.Callback):
 
         if isinstance(exception, SIGTERMException):
             self._save(trainer, "SIGTERM")
+
+
+class ModalityProbe(L.Callback):
+    """Does the model look at the image? Every ``every`` training steps (0: off), on that step's batch after its
+    update, pretraining only (``probe/*``, in the run's metrics):
+
+    - ``cls_to_image``: the share of the text [CLS]'s attention (the position the pooler and ITM read) that
+      lands on image positions, averaged over layers, heads and examples; ``image_share`` is the same share
+      under uniform attention (image positions over real positions), the reference for it.
+    - ``grad_image_<loss>`` / ``grad_text_<loss>``: the RMS gradient of each active loss with respect to the
+      visual and the text token embeddings, per token.
+    - ``cos_itm_<loss>``: the cosine between ITM's gradient on the transformer's blocks and another loss's:
+      below 0, that loss pulls the shared weights against ITM.
+    - ``image_effect``: mean |P(match)| change when each text is shown the next example's image instead of its
+      own: 0 when ITM ignores the image.
+    """
+
+    def __init__(self, every: Annotated[int, Interval(ge=0)] = 0):
+        self.every = every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every or (step % self.every and step != 1) or not hasattr(pl_module, "itm_score"):
+            return
+        was_training = pl_module.training
+        pl_module.eval()  # no dropout: the probe reads the model, it does not train it
+        try:
+            with torch.enable_grad(), pl_module.autocast():
+                metrics = self.measure(pl_module, batch)
+        finally:
+            pl_module.train(was_training)
+        for k, v in metrics.items():
+            pl_module.log(f"probe/{k}", v, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    @staticmethod
+    def measure(pl_module, batch) -> dict[str, float]:
+        vilt = pl_module.model
+        visual_out, text_out, attn_in = [], [], []
+        hooks = [vilt.embedder.register_forward_hook(lambda m, a, out: visual_out.append(out)),
+                 vilt.text_embeddings.register_forward_hook(lambda m, a, out: text_out.append(out))]
+        for block in vilt.blocks:
+            hooks.append(block.attn.register_forward_hook(
+                lambda m, a, kw, out: attn_in.append((m, a[0], kw.get("attn_mask"))), with_kwargs=True))
+        try:
+            out = pl_module.compute(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        n_text = (batch.itm_ids if batch.itm_ids is not None else batch.input_ids).shape[1]
+        metrics: dict[str, float] = {}
+        with torch.no_grad():  # the ITM pass's attention: its layers come first
+            shares, uniform = [], None
+            for module, x, mask in attn_in[: len(vilt.blocks)]:
+                b, n, c = x.shape
+                q, k, _ = module.qkv(x).view(b, n, 3, module.num_heads, module.head_dim).unbind(2)
+                scores = (q[:, 0:1].transpose(1, 2) * module.scale) @ k.permute(0, 2, 3, 1)  # [B, H, 1, N]
+                real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask[:, 0, 0]
+                probs = scores.float().masked_fill(~real[:, None, None], float("-inf")).softmax(-1)
+                shares.append(probs[..., n_text:].sum(-1).mean())
+                uniform = (real[:, n_text:].sum(1) / real.sum(1)).float().mean()
+            metrics["cls_to_image"] = float(torch.stack(shares).mean())
+            metrics["image_share"] = float(uniform)
+        visual, text = visual_out[0].embeds, text_out[0]
+        blocks = [p for p in vilt.blocks.parameters() if p.requires_grad]
+        grads = {}
+        for name in ("itm", "mlm", "wpa"):
+            if f"loss_{name}" not in out:
+                continue
+            g = torch.autograd.grad(out[f"loss_{name}"], [visual, text, *blocks], retain_graph=True, allow_unused=True)
+            for side, t in (("image", g[0]), ("text", g[1])):
+                metrics[f"grad_{side}_{name}"] = 0.0 if t is None else float(t.float().pow(2).sum(-1).mean().sqrt())
+            grads[name] = torch.cat([(z if z is not None else torch.zeros_like(p)).flatten().float()
+                                     for z, p in zip(g[2:], blocks)])
+        for name, g in grads.items():
+            if name != "itm" and "itm" in grads:
+                metrics[f"cos_itm_{name}"] = float(torch.nn.functional.cosine_similarity(grads["itm"], g, dim=0))
+        with torch.no_grad():
+            v = visual_out[0]
+            own = torch.arange(len(batch), device=v.mask.device)
+            p = [pl_module.itm_score(vilt(batch.input_ids, batch.attention_mask, visual=v.select(i)).pooler_output)
+                 .float().softmax(-1)[:, 1] for i in (own, own.roll(1))]
+            metrics["image_effect"] = float((p[0] - p[1]).abs().mean())
+        return metrics

@@ -30,13 +30,13 @@ def batch():
 
 def test_defaults_are_the_papers_mix_with_mpp_off():
     t = task()
-    assert t.weights == {"itm": 1.0, "mlm": 1.0, "wpa": 0.1, "mpp": 0.0}
+    assert t.weights == {"itm": 1.0, "mlm": 1.0, "wpa": 0.1, "mpp": 0.0, "itc": 0.0}
     assert not hasattr(t, "mpp_score")
 
 
 @pytest.mark.parametrize(
     "weights",
-    [dict(itm=1, mlm=0.25, wpa=0.1, mpp=0.5), dict(itm=1, mlm=0, wpa=0, mpp=0), dict(itm=0, mlm=0, wpa=0.1, mpp=0),
+    [dict(itm=1, mlm=0.25, wpa=0.1, mpp=0.5, itc=0.5), dict(itm=1, mlm=0, wpa=0, mpp=0), dict(itc=1, itm=0, mlm=0, wpa=0), dict(itm=0, mlm=0, wpa=0.1, mpp=0),
      dict(itm=0, mlm=1, wpa=0, mpp=0), dict(itm=0, mlm=0, wpa=0, mpp=1)],
 )
 def test_each_objective_is_a_switch_with_its_weight(weights):
@@ -50,7 +50,7 @@ def test_each_objective_is_a_switch_with_its_weight(weights):
 
 def test_bad_objectives_are_refused():
     with pytest.raises(ValueError, match="unknown objective"):
-        task(itc=1.0)
+        task(itx=1.0)
     with pytest.raises(ValueError, match="at least one"):
         task(itm=0, mlm=0, wpa=0, mpp=0)
 

@@ -3,7 +3,10 @@ weights load by name (``itm_score.fc``, ``mlm_score.transform.dense``, ``vqa_cla
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -16,6 +19,25 @@ class ITMHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         return self.fc(pooled)
+
+
+class ITCHead(nn.Module):
+    """Image-text contrast (CLIP; ALBEF's ITC) between the transformer's unimodal CLS states (`ViLT.unimodal`):
+    each side projected to ``dim`` and L2-normalised, scaled by a learned temperature (CLIP's start, 1/0.07)."""
+
+    def __init__(self, hidden_size: int, dim: int = 256):
+        super().__init__()
+        self.text = nn.Linear(hidden_size, dim)
+        self.image = nn.Linear(hidden_size, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def embed(self, states: Tensor, side: str) -> Tensor:
+        """[B, dim] L2-normalised embeddings of one side's CLS states [B, D], in fp32."""
+        return F.normalize(getattr(self, side)(states).float(), dim=-1)
+
+    def forward(self, text: Tensor, image: Tensor) -> Tensor:
+        """[n_images, n_texts] scaled cosine similarities."""
+        return self.logit_scale.exp().clamp(max=100) * self.embed(image, "image") @ self.embed(text, "text").T
 
 
 class MLMTransform(nn.Module):

@@ -17,6 +17,13 @@ def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+def itc_loss(logits: Tensor) -> Tensor:
+    """Image-text contrastive loss (CLIP; ALBEF's ITC): logits [n, n] of image i against text j, the pairs on
+    the diagonal; cross-entropy both ways, averaged."""
+    own = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits.float(), own) + F.cross_entropy(logits.float().T, own)) / 2
+
+
 def masked_positions(labels: Tensor) -> Tensor:
     """Boolean [B, L] of the positions that carry an MLM target."""
     return labels != IGNORE

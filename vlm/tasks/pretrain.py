@@ -16,12 +16,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from vlm.data.collate import Batch, rows_of
 from vlm.metrics import MajorityBaseline
 from vlm.models import objectives
-from vlm.models.heads import ITMHead, MLMHead, MPPHead
+from vlm.models.heads import ITCHead, ITMHead, MLMHead, MPPHead
 from vlm.models.vilt import ViLT, init_weights
 from vlm.tasks.base import VLTaskModule
 from vlm.tasks.retrieval import zero_shot_retrieval
 
-OBJECTIVES = ("itm", "mlm", "wpa", "mpp")
+OBJECTIVES = ("itm", "mlm", "wpa", "mpp", "itc")
 MPP_CLASSES = 512  # mean colour, 3 bits per channel
 NEEDS = {"mpp": {"pos", "boxes"}}  # the visual-token fields an objective reads (`VisualEmbedder.gives`)
 
@@ -54,6 +54,7 @@ class PretrainLitModule(VLTaskModule):
         wpa_inner_steps: Annotated[int, Ge(1)] = 1,
         mpp_prob: Annotated[float, Interval(gt=0, le=1)] = 0.15,
         mlm_batch_fraction: Annotated[float, Interval(gt=0, le=1)] = 1.0,
+        itc_dim: Annotated[int, Ge(1)] = 256,
         retrieval_pairs: Annotated[int, Ge(0)] = 0,
         optimizer: partial | None = None,
         scheduler: partial | None = None,
@@ -62,7 +63,7 @@ class PretrainLitModule(VLTaskModule):
     ):
         super().__init__(optimizer, scheduler, lr_mults, test_split)
         self.model = model
-        self.weights = {"itm": 1.0, "mlm": 1.0, "wpa": 0.1, "mpp": 0.0, **(objectives or {})}
+        self.weights = {"itm": 1.0, "mlm": 1.0, "wpa": 0.1, "mpp": 0.0, "itc": 0.0, **(objectives or {})}
         unknown = set(self.weights) - set(OBJECTIVES)
         if unknown:
             raise ValueError(f"unknown objective(s) {sorted(unknown)}: choose from {', '.join(OBJECTIVES)}")
@@ -88,6 +89,10 @@ class PretrainLitModule(VLTaskModule):
         self.mlm_score = MLMHead(d, vocab, eps=eps)
         self.itm_score.apply(init_weights)
         self.mlm_score.apply(init_weights)
+        if self.active("itc"):
+            self.itc = ITCHead(d, itc_dim)
+            self.itc.text.apply(init_weights)
+            self.itc.image.apply(init_weights)
         if self.active("mpp"):
             self.mpp_score = MPPHead(d, MPP_CLASSES, eps=eps)
             self.mpp_score.apply(init_weights)
@@ -132,6 +137,9 @@ class PretrainLitModule(VLTaskModule):
                 )
                 out["loss_wpa"] = objectives.wpa_loss(distance, batch.itm_labels)
                 out["wpa_distance"] = distance.detach()
+        if self.active("itc"):  # text alone and images alone through the same transformer, contrasted over the batch
+            logits = self.itc(self.model.unimodal(batch.input_ids, batch.attention_mask), self.model.unimodal(visual=visual))
+            out["loss_itc"] = objectives.itc_loss(logits)
         if self.active("mlm") or self.active("mpp"):
             if self.training and self.mlm_batch_fraction < 1:  # the masked pass reads the first rows only
                 k = max(1, round(self.mlm_batch_fraction * len(batch)))

@@ -9,7 +9,6 @@ trained beside the rank head, as ALBEF's first stage) and re-ranks only the shor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -18,11 +17,12 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from annotated_types import Ge
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlm.data.collate import Batch
 from vlm.models.embedders.base import VisualTokens
-from vlm.models.heads import ITMHead, RankHead
+from vlm.models import objectives
+from vlm.models.heads import ITCHead, ITMHead, RankHead
 from vlm.models.vilt import init_weights
 from vlm.tasks.base import VLTaskModule
 
@@ -188,10 +188,9 @@ class RetrievalLitModule(VLTaskModule):
         d = model.hidden_size
         self.rank_output = RankHead(d)
         self.rank_output.apply(init_weights)
-        self.itc_text, self.itc_image = nn.Linear(d, itc_dim), nn.Linear(d, itc_dim)
-        self.itc_text.apply(init_weights)
-        self.itc_image.apply(init_weights)
-        self.itc_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's start
+        self.itc = ITCHead(d, itc_dim)
+        self.itc.text.apply(init_weights)
+        self.itc.image.apply(init_weights)
         self._cache: dict[str, list] = {}
 
     @property
@@ -218,12 +217,6 @@ class RetrievalLitModule(VLTaskModule):
         others = keys.argsort(dim=1)[:, :k]
         return torch.cat([torch.arange(n)[:, None], others], dim=1)
 
-    def itc_logits(self, text: Tensor, image: Tensor) -> Tensor:
-        """[n_images, n_texts] scaled cosine similarities of projected CLS states."""
-        t = F.normalize(self.itc_text(text).float(), dim=-1)
-        i = F.normalize(self.itc_image(image).float(), dim=-1)
-        return self.itc_logit_scale.exp().clamp(max=100) * i @ t.T
-
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         n = len(batch)
         if n < 2:
@@ -241,10 +234,8 @@ class RetrievalLitModule(VLTaskModule):
         self.log("train/loss_rank", rank_loss, batch_size=n, prog_bar=True)
         self.log("train/rank_acc", (scores.argmax(-1) == 0).float().mean(), batch_size=n)
         if self.itc_weight > 0:
-            logits = self.itc_logits(self.model.unimodal(batch.input_ids, batch.attention_mask),
-                                     self.model.unimodal(visual=visual))
-            own = torch.arange(n, device=self.device)
-            itc_loss = (F.cross_entropy(logits, own) + F.cross_entropy(logits.T, own)) / 2
+            itc_loss = objectives.itc_loss(self.itc(self.model.unimodal(batch.input_ids, batch.attention_mask),
+                                                    self.model.unimodal(visual=visual)))
             loss = loss + self.itc_weight * itc_loss
             self.log("train/loss_itc", itc_loss, batch_size=n, prog_bar=True)
         self.log("train/loss", loss, batch_size=n)
@@ -271,8 +262,8 @@ class RetrievalLitModule(VLTaskModule):
         c["attn"].append(attn)
         c["owner"].append(batch.captions_image[rows].cpu() + seen)
         if self.itc_weight > 0:
-            c["image_emb"].append(F.normalize(self.itc_image(self.model.unimodal(visual=visual)).float(), dim=-1).cpu())
-            c["text_emb"].append(F.normalize(self.itc_text(self.model.unimodal(ids, attn)).float(), dim=-1).cpu())
+            c["image_emb"].append(self.itc.embed(self.model.unimodal(visual=visual), "image").cpu())
+            c["text_emb"].append(self.itc.embed(self.model.unimodal(ids, attn), "text").cpu())
 
     def _start(self) -> None:
         self._cache = {k: [] for k in ("visual", "ids", "attn", "owner", "image_emb", "text_emb")}
