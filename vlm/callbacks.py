@@ -496,7 +496,7 @@ class ModalityProbe(L.Callback):
       lands on image positions, averaged over layers, heads and examples; ``image_share`` is the same share
       under uniform attention (image positions over real positions), the reference for it.
     - ``grad_image_<loss>`` / ``grad_text_<loss>``: the RMS gradient of each active loss with respect to the
-      visual and the text token embeddings, per token.
+      visual and the text token embeddings (the text [CLS] left out), per token.
     - ``cos_itm_<loss>``: the cosine between ITM's gradient on the transformer's blocks and another loss's:
       below 0, that loss pulls the shared weights against ITM.
     - ``image_effect``: mean |P(match)| change when each text is shown the next example's image instead of its
@@ -548,14 +548,16 @@ class ModalityProbe(L.Callback):
                 uniform = (real[:, n_text:].sum(1) / real.sum(1)).float().mean()
             metrics["cls_to_image"] = float(torch.stack(shares).mean())
             metrics["image_share"] = float(uniform)
-        visual, text = visual_out[0].embeds, text_out[0]
+        visual = visual_out[0].embeds
         blocks = [p for p in vilt.blocks.parameters() if p.requires_grad]
         grads = {}
         for name in ("itm", "mlm", "wpa"):
             if f"loss_{name}" not in out:
                 continue
+            text = text_out[-1] if name == "mlm" else text_out[0]  # the MLM pass embeds its masked text anew
             g = torch.autograd.grad(out[f"loss_{name}"], [visual, text, *blocks], retain_graph=True, allow_unused=True)
-            for side, t in (("image", g[0]), ("text", g[1])):
+            # per token, the text [CLS] left out: the pooler reads it directly, no other token is read so
+            for side, t in (("image", g[0]), ("text", None if g[1] is None else g[1][:, 1:])):
                 metrics[f"grad_{side}_{name}"] = 0.0 if t is None else float(t.float().pow(2).sum(-1).mean().sqrt())
             grads[name] = torch.cat([(z if z is not None else torch.zeros_like(p)).flatten().float()
                                      for z, p in zip(g[2:], blocks)])

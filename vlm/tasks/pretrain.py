@@ -55,6 +55,7 @@ class PretrainLitModule(VLTaskModule):
         mpp_prob: Annotated[float, Interval(gt=0, le=1)] = 0.15,
         mlm_batch_fraction: Annotated[float, Interval(gt=0, le=1)] = 1.0,
         itc_dim: Annotated[int, Ge(1)] = 256,
+        itc_batch_fraction: Annotated[float, Interval(gt=0, le=1)] = 1.0,
         retrieval_pairs: Annotated[int, Ge(0)] = 0,
         optimizer: partial | None = None,
         scheduler: partial | None = None,
@@ -82,6 +83,7 @@ class PretrainLitModule(VLTaskModule):
         self.ipot = {"beta": wpa_beta, "iterations": wpa_iterations, "inner_steps": wpa_inner_steps}
         self.mpp_prob = mpp_prob
         self.mlm_batch_fraction = mlm_batch_fraction
+        self.itc_batch_fraction = itc_batch_fraction
         self.retrieval_pairs = retrieval_pairs
         d, vocab = model.hidden_size, model.text_embeddings.word_embeddings.num_embeddings
         eps = model.text_embeddings.LayerNorm.eps
@@ -138,7 +140,11 @@ class PretrainLitModule(VLTaskModule):
                 out["loss_wpa"] = objectives.wpa_loss(distance, batch.itm_labels)
                 out["wpa_distance"] = distance.detach()
         if self.active("itc"):  # text alone and images alone through the same transformer, contrasted over the batch
-            logits = self.itc(self.model.unimodal(batch.input_ids, batch.attention_mask), self.model.unimodal(visual=visual))
+            rows, own = batch, visual
+            if self.training and self.itc_batch_fraction < 1:  # the first rows, contrasted among themselves
+                k = max(2, round(self.itc_batch_fraction * len(batch)))
+                rows, own = rows_of(batch, k), visual.select(torch.arange(k, device=visual.mask.device))
+            logits = self.itc(self.model.unimodal(rows.input_ids, rows.attention_mask), self.model.unimodal(visual=own))
             out["loss_itc"] = objectives.itc_loss(logits)
         if self.active("mlm") or self.active("mpp"):
             if self.training and self.mlm_batch_fraction < 1:  # the masked pass reads the first rows only
