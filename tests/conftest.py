@@ -68,7 +68,7 @@ def run_dir(data_dir, tmp_path_factory) -> Path:
     (run / ".hydra").mkdir()
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as Hydra saves it: interpolations unresolved
     (run / "checkpoints").mkdir()
-    torch.save({"state_dict": task.state_dict()}, run / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": task.state_dict(), "global_step": 0}, run / "checkpoints" / "last.ckpt")
     Image.new("RGB", (150, 100), (40, 40, 40)).save(run / "scene.png")
     return run
 

@@ -93,8 +93,7 @@ def test_an_unknown_option_lists_every_available_one():
 
 def test_the_first_error_is_reported_when_a_clean_up_raises_over_it(capsys):
     """Lightning's teardown can raise while our error propagates; the user must see ours, on one line."""
-    from vlm.config import reported
-    from vlm.errors import DataError
+    from vlm.errors import DataError, reported
 
     with pytest.raises(SystemExit) as e, reported("vlm.train"):
         try:

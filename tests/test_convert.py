@@ -266,7 +266,7 @@ def test_each_entry_point_suggests_what_it_can_do_with_a_pickled_file(tmp_path, 
                             "--out CKPT, then model.init_from=CKPT")
     with pytest.raises(ConfigError) as e:
         training_checkpoint(str(path))
-    assert str(e.value) == f"ckpt_path: {refusal}{convert_once}, then evaluate ckpt_path=CKPT"
+    assert str(e.value) == f"ckpt_path={refusal}{convert_once}, then evaluate ckpt_path=CKPT"
     err = refused(capsys, "--from", path, "--out", tmp_path / "ours.pt")
     assert err == f"vlm.convert: error: {refusal}if you trust it, add --trust-pickle (its pickled code then runs)\n"
 

@@ -347,9 +347,8 @@ def check_job(module: str, cfg) -> None:
 
 
 def error_line(module: str, e: Exception) -> str | None:
-    """The line the entry point prints for ``e`` (vlm.config.reported), or None where it would not catch it."""
-    from vlm.config import data_line, first_reported, one_line
-    from vlm.errors import DataError
+    """The line the entry point prints for ``e`` (vlm.errors.reported), or None where it would not catch it."""
+    from vlm.errors import DataError, data_line, first_reported, one_line
 
     first = first_reported(e)
     if first is None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlm.visualize import heat_map, main
+from vlm.visualize import heat_map, main, parser
 
 
 def test_align_writes_one_png_per_word_and_a_grid(run_dir, tmp_path, capsys):
@@ -26,8 +26,31 @@ def test_align_reports_bad_arguments_on_one_line(run_dir, capsys):
         main(["align", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "image=/no/such.png", "text=a"])
     assert "image=/no/such.png: cannot read it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["align", "text=a", "colour=red"])
+        main(["align", "text=a", "image=x.png"])
     assert "missing ckpt_path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["align", "ckpt_path=x.ckpt", "image=x.png", "text=a", "colour=red"])
+    assert e.value.code == 2 and "unknown key 'colour' (align takes ckpt_path, image, text" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["align", "ckpt_path"])
+    assert e.value.code == 2 and "'ckpt_path' is not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_align_refuses_weights_that_are_not_a_training_checkpoint(tmp_path, capsys):
+    path = tmp_path / "weights.pt"
+    torch.save({"model.x": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit) as e:
+        main(["align", f"ckpt_path={path}", "image=x.png", "text=a"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"vlm.visualize: error: ckpt_path={path}: not a training checkpoint (align reads "
+                                       "the <run>/checkpoints/*.ckpt that python -m vlm.train writes)\n")
+
+
+def test_a_caption_is_taken_as_written():
+    """Free text: commas, quotes, brackets and '=' mean nothing on align's command line."""
+    caption = "the dog's ball, (left) = \"red\"!"
+    args = parser().parse_args(["align", "ckpt_path=c", "image=i", f"text={caption}", "out=o"])
+    assert dict(args.settings) == {"ckpt_path": "c", "image": "i", "text": caption, "out": "o"}
 
 
 def test_heat_map_spreads_each_tokens_mass_over_its_box():

@@ -19,6 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vlm.data.tokenizer import load_tokenizer
 from vlm.models import weights
 from vlm.models.weights.files import PickledFile, state_dict_of
 from vlm.models.weights.original import original_checkpoint
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             if head == "none":
                 ckpt = {**ckpt, "heads": {}}
             hf = weights.hf_model(ckpt, None if head == "none" else head)
-            wrote, notes = weights.save_processor(ckpt, args.to_hf, args.tokenizer)
+            tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+            wrote, notes = weights.save_processor(ckpt, args.to_hf, tokenizer)
             hf.save_pretrained(args.to_hf)
             node = ckpt["heads"].get(weights.hf_head_name(hf)) or {}
             labels = [f"id2label: {len(node['labels'])} classes"] if node.get("labels") else []

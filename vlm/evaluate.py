@@ -18,27 +18,23 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm.callbacks import lightning_trainer
 from vlm.cli import CONF_DIR, quote_brace_ranges
-from vlm.config import building, check, reported
-from vlm.errors import ConfigError
-from vlm.models.weights.load import CONVERT_ONCE, PickledFile, load_file
+from vlm.common import atomic_write
+from vlm.config import check
+from vlm.errors import ConfigError, building, reported
+from vlm.models.weights.load import CONVERT_ONCE
 from vlm.precision import say_precision
 from vlm.report import print_metrics, print_skipped
+from vlm.resume import read_training_checkpoint
 from vlm.tasks.base import HANDLED, build_task
 
 SPLITS = ("val", "test", "both")
 
 
 def training_checkpoint(path: str) -> dict | None:
-    """A Lightning checkpoint of one of our runs (its whole task state and hyper-parameters), else None."""
-    try:
-        obj = load_file(path)
-    except PickledFile as e:
-        raise ConfigError(f"ckpt_path: {e.advise(f'{CONVERT_ONCE}, then evaluate ckpt_path=CKPT')}") from None
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"ckpt_path: {e}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
-        return obj
-    return None
+    """A Lightning checkpoint of one of our runs (its whole task state and hyper-parameters), else None: weights
+    of another kind, which start the model as ``model.init_from`` does."""
+    run = read_training_checkpoint(path, f"{CONVERT_ONCE}, then evaluate ckpt_path=CKPT", other=None)
+    return run if run is not None and "hyper_parameters" in run else None
 
 
 def build(cfg: DictConfig):
@@ -98,10 +94,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if predictions is None:
             raise ConfigError(f"write_predictions: {type(task).__name__} keeps no predictions (task=vqa does)")
         path = Path(cfg.write_predictions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(predictions))
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(predictions))
         print(f"wrote {len(predictions)} predictions to {path}")
     return metrics
 

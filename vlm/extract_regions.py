@@ -19,10 +19,12 @@ import torch
 from hydra.utils import instantiate
 
 from vlm.cli import compose_train
-from vlm.config import building, check, reported
-from vlm.data.collate import ImageCollator, real_extent
+from vlm.common import real_extent
+from vlm.config import check
+from vlm.data.collate import ImageCollator
 from vlm.data.regions import Regions, write_regions
 from vlm.data.stream import StreamLoader
+from vlm.errors import building, reported
 from vlm.models.embedders.region import RegionEmbedder
 from vlm.models.weights import load_file
 from vlm.models.weights.files import state_dict_of

@@ -1,4 +1,5 @@
-"""What a training checkpoint holds that a run resuming from it (``ckpt_path=``) must agree with.
+"""What a training checkpoint holds that a run resuming from it (``ckpt_path=``) must agree with, and the one
+reader of training checkpoints (`read_training_checkpoint`: a resume, ``vlm.evaluate`` and ``vlm.visualize``).
 
 Checked before the model is built, so a mismatch stops the run at once, on one line naming the key, instead of
 inside Lightning's restore (where its clean-up raised over the real error) or, worse, silently: the data
@@ -18,22 +19,31 @@ from vlm.models.weights import PickledFile, load_file
 # a resume restores the whole training state, which only a file torch loads safely gives; the weights can start anew
 RESUME_ADVICE = ("a run resumes only from a checkpoint torch loads safely; if you trust it, start anew from its weights: "
                  "python -m vlm.convert --from {source} --trust-pickle --out CKPT, then model.init_from=CKPT")
+# what a resume says of a file of other weights
+RESUME_OTHER = "resume from <run>/checkpoints/*.ckpt; weights of another kind start a new run with model.init_from=..."
 
 
-def read_training_checkpoint(path: str) -> dict:
-    """A Lightning checkpoint of a `python -m vlm.train` run, loaded without running any pickled code."""
+def read_training_checkpoint(path: str, advice: str = RESUME_ADVICE, other: str | None = RESUME_OTHER) -> dict | None:
+    """A Lightning checkpoint of a `python -m vlm.train` run (its task's weights, hyper-parameters and training
+    state), loaded without running any pickled code; errors are one line naming ``ckpt_path``.
+
+    Each entry point says what to do in its own terms: ``advice`` for a file torch loads only by running pickled
+    code (``{source}`` stands for the file), ``other`` for a file of weights of another kind; ``other=None``: such
+    a file is the caller's to read (returns None).
+    """
     if not Path(path).expanduser().is_file():
         raise ConfigError(f"ckpt_path={path}: no such file")
     try:
         ckpt = load_file(path)
     except PickledFile as e:
-        raise ConfigError(f"ckpt_path={e.advise(RESUME_ADVICE)}") from None
+        raise ConfigError(f"ckpt_path={e.advise(advice)}") from None
     except ValueError as e:
         raise ConfigError(f"ckpt_path={e}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise ConfigError(f"ckpt_path={path}: not a training checkpoint (resume from <run>/checkpoints/*.ckpt; "
-                          "weights of another kind start a new run with model.init_from=...)")
-    return ckpt
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt:
+        return ckpt
+    if other is None:
+        return None
+    raise ConfigError(f"ckpt_path={path}: not a training checkpoint ({other})")
 
 
 # model keys that do not change what the weights are: they may differ on a resume

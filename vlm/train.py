@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.callbacks import Budget, CheckpointOnSignal, Throughput, lightning_trainer
 from vlm.cli import CONF_DIR, quote_brace_ranges
-from vlm.config import building, check, check_run, devices_of, reported
-from vlm.errors import ConfigError, TrainingError
+from vlm.common import atomic_write
+from vlm.config import check, check_run, devices_of
+from vlm.errors import ConfigError, TrainingError, building, reported
 from vlm.loggers import chatter_to_log_file, close_loggers, say_where_wandb_logs
 from vlm.precision import say_precision
 from vlm.report import print_metrics, print_skipped
@@ -118,9 +119,8 @@ def fit_and_evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         raise
     finally:
         if trainer.is_global_zero:
-            tmp = out_dir / "results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=1))
-            tmp.replace(out_dir / "results.json")
+            with atomic_write(out_dir / "results.json") as tmp:
+                tmp.write_text(json.dumps(results, indent=1))
         close_loggers(trainer.loggers)
     return results["metrics"]
 

@@ -11,29 +11,41 @@ boxes works: each token's mass is spread evenly over its box.
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from vlm.config import check, reported
-from vlm.errors import ConfigError
+from vlm.config import check
+from vlm.errors import ConfigError, reported
 from vlm.models.objectives import wpa_distance, wpa_masks
+
+READS = "align reads the <run>/checkpoints/*.ckpt that python -m vlm.train writes"
+# align's arguments, KEY=VALUE as vlm.evaluate takes ckpt_path= (a caption is free text, which Hydra's override
+# grammar would parse: commas, quotes and brackets mean something there)
+SETTINGS = {
+    "ckpt_path": "a checkpoint of a python -m vlm.train run (<run>/checkpoints/*.ckpt)",
+    "image": "the image (a file PIL reads)",
+    "text": "the caption whose words to align",
+    "out": "the folder for the PNGs (default: <run>/align/<caption>)",
+    "config": "the run's config (default: <run>/.hydra/config.yaml)",
+    "tokenizer": "the run's tokenizer folder (default: the config's data.tokenizer)",
+}
+REQUIRED = ("ckpt_path", "image", "text")
 
 
 def load_run(ckpt_path: str, config: str | None = None, tokenizer: str | None = None):
     """(task, tokenizer, data config) of a training run, weights from ``ckpt_path``, in eval mode on the CPU."""
     from vlm.data.tokenizer import load_tokenizer
-    from vlm.models.weights import load_file, run_config
-    from vlm.tasks.base import HANDLED, build_task
+    from vlm.models.weights import run_config
+    from vlm.resume import read_training_checkpoint
+    from vlm.tasks.base import HANDLED, build_task_without_data
 
+    run = read_training_checkpoint(ckpt_path, READS, READS)
     ckpt = Path(ckpt_path)
-    if not ckpt.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such file")
     cfg_file = Path(config) if config else run_config(ckpt)
     if cfg_file is None or not cfg_file.is_file():
         raise ConfigError(f"config: {cfg_file or ckpt.resolve().parent.parent / '.hydra' / 'config.yaml'} not found "
@@ -47,12 +59,8 @@ def load_run(ckpt_path: str, config: str | None = None, tokenizer: str | None = 
         raise ConfigError("tokenizer: the run's config names none; give tokenizer=<dir>")
     tok = load_tokenizer(tok_path)
     check(OmegaConf.masked_copy(cfg, ["model", "task"]), handled=HANDLED)
-    task = build_task(cfg.task, cfg.model, SimpleNamespace(vocab_size=len(tok), region_features=None), init=False)
-    try:
-        state = load_file(ckpt)
-    except ValueError as e:
-        raise ConfigError(f"ckpt_path={ckpt_path}: {e}") from None
-    task.load_state_dict(state["state_dict"])
+    task = build_task_without_data(cfg.task, cfg.model, len(tok), init=False)
+    task.load_state_dict(run["state_dict"])
     return task.eval(), tok, cfg.data
 
 
@@ -65,7 +73,8 @@ def align(task, tokenizer, data_cfg: DictConfig, image, text: str) -> dict:
     """
     from PIL import Image
 
-    from vlm.data.transforms import build_transform, denormalize
+    from vlm.common import denormalize
+    from vlm.data.transforms import build_transform
 
     model = task.model
     if isinstance(image, Image.Image):
@@ -181,14 +190,11 @@ def draw(result: dict, text: str, out_dir: Path) -> list[Path]:
 
 
 def cmd_align(args: dict[str, str]) -> None:
-    for key in ("ckpt_path", "image", "text"):
+    for key in REQUIRED:
         if key not in args:
             raise ConfigError(f"align: missing {key}=...")
     if not args["text"].strip():
         raise ConfigError("align: text= is empty: give the caption to align, e.g. text=\"a red circle.\"")
-    unknown = set(args) - {"ckpt_path", "image", "text", "out", "config", "tokenizer"}
-    if unknown:
-        raise ConfigError(f"align: unknown argument '{sorted(unknown)[0]}'")
     task, tok, data_cfg = load_run(args["ckpt_path"], args.get("config"), args.get("tokenizer"))
     result = align(task, tok, data_cfg, args["image"], args["text"])
     run_dir = Path(args["ckpt_path"]).resolve().parent.parent
@@ -204,25 +210,33 @@ def cmd_align(args: dict[str, str]) -> None:
 COMMANDS = {"align": cmd_align}
 
 
-def parse(argv: list[str]) -> tuple[str, dict[str, str]]:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        sys.exit(0)
-    if not argv or argv[0] not in COMMANDS:
-        raise ConfigError(f"choose a command: {', '.join(COMMANDS)} (python -m vlm.visualize align ckpt_path=... image=... text=...)")
-    args = {}
-    for a in argv[1:]:
-        if "=" not in a:
-            raise ConfigError(f"argument {a!r} is not key=value")
-        k, v = a.split("=", 1)
-        args[k] = v
-    return argv[0], args
+def setting(arg: str) -> tuple[str, str]:
+    """One KEY=VALUE argument of align, as argparse's type of them."""
+    key, eq, value = arg.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"{arg!r} is not KEY=VALUE")
+    if key not in SETTINGS:
+        raise argparse.ArgumentTypeError(f"unknown key '{key}' (align takes {', '.join(SETTINGS)})")
+    return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: ``--help`` prints the text above, and a bad argument is one line (no usage lines)."""
+    kw = {"usage": argparse.SUPPRESS, "description": __doc__.strip(),
+          "formatter_class": argparse.RawDescriptionHelpFormatter}
+    p = argparse.ArgumentParser(prog="python -m vlm.visualize", **kw)
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    align_p = commands.add_parser("align", prog="python -m vlm.visualize align", help="word-patch alignment pictures",
+                                  **kw)
+    align_p.add_argument("settings", nargs="+", type=setting, metavar="KEY=VALUE",
+                         help="; ".join(f"{k}: {v}" for k, v in SETTINGS.items()))
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     with reported("vlm.visualize"):
-        name, args = parse(sys.argv[1:] if argv is None else argv)
-        COMMANDS[name](args)
+        COMMANDS[args.command](dict(args.settings))
 
 
 if __name__ == "__main__":

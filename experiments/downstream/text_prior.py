@@ -9,14 +9,14 @@ import re
 import sys
 import tarfile
 
-from vlm.data.synthetic import COLORS, SHAPES, balanced_statement
+from vlm.data.synthetic_scenes import COLORS, SHAPES, balanced_statement
 
 root = sys.argv[1] if len(sys.argv) > 1 else "data/synthetic"
 WORDS = re.compile(r"\b(" + "|".join([*COLORS, *SHAPES]) + r")\b")
 
 
 def pairs(split: str) -> list[tuple[str, bool]]:
-    """(statement, label) of every scene of the split, as `vlm.data.downstream.SyntheticNLVR2` reads them."""
+    """(statement, label) of every scene of the split, as `vlm.data.sources.SyntheticNLVR2` reads them."""
     out = []
     for f in sorted(glob.glob(f"{root}/{split}-*.tar")):
         with tarfile.open(f) as t:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from vlm.cli import compose_train
-from vlm.data.synthetic import random_batch
+from vlm.bench.fixtures import random_batch
 from vlm.precision import autocast
 from vlm.tasks.base import build_model
 

@@ -2,18 +2,17 @@ import numpy as np
 import pytest
 import torch
 
+from vlm.common import IGNORE, real_extent
 from vlm.data.collate import (
     Collator,
     ImageCollator,
     PretrainCollator,
     itm_negatives,
     pad_images,
-    real_extent,
     whole_word_mask,
 )
 from vlm.data.sample import Sample
 from vlm.data.tokenizer import train_wordpiece
-from vlm.models.objectives import IGNORE
 
 WORDS = "a small red circle to the left of an enormous purplish triangle above the unremarkable bluegreen squares".split()
 

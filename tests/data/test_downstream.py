@@ -13,10 +13,9 @@ from PIL import Image
 from vlm.data import export
 from vlm.data.answers import AnswerVocab
 from vlm.data.collate import NLVR2Collator, RetrievalCollator, VQACollator
-from vlm.data.downstream import NLVR2, VQAv2, SyntheticNLVR2, SyntheticVQA, nlvr2_label
-from vlm.data.sources import CocoKarpathy, WebDataset
+from vlm.data.sources import NLVR2, CocoKarpathy, SyntheticNLVR2, SyntheticVQA, VQAv2, WebDataset, nlvr2_label
 from vlm.data.stream import ShardStream, StreamLoader
-from vlm.data.synthetic import balanced_statement, layout, scene_jpeg
+from vlm.data.synthetic_scenes import balanced_statement, layout, scene_jpeg
 from vlm.data.tokenizer import load_tokenizer
 from vlm.data.transforms import build_transform
 

@@ -12,9 +12,10 @@ import torch
 from vlm.data import export
 from vlm.data.collate import PretrainCollator
 from vlm.data.sources import CocoKarpathy, ImageFolder, Parquet, WebDataset, existing_files, expand_files
-from vlm.data.stream import DataWarning, ShardStream, StreamLoader
+from vlm.data.stream import ShardStream, StreamLoader
 from vlm.data.tokenizer import load_tokenizer
 from vlm.data.transforms import build_transform
+from vlm.errors import DataWarning
 
 N_TRAIN, N_VAL = 20, 6
 

@@ -15,9 +15,10 @@ from vlm.data import export
 from vlm.data import stream as stream_module
 from vlm.data.collate import PretrainCollator
 from vlm.data.sources import WebDataset
-from vlm.data.stream import DataWarning, ShardStream, StreamLoader, StreamProgress
+from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
 from vlm.data.tokenizer import load_tokenizer
 from vlm.data.transforms import build_transform
+from vlm.errors import DataWarning
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +65,15 @@ def test_two_ranks_two_workers_cover_an_epoch_exactly_once(tokenizer, tmp_path, 
 def test_plan_deals_whole_shards_and_splits_the_rest(tokenizer, tmp_path):
     source, shards = web_shards(tmp_path, 10, 10)
     s = make_stream(tokenizer, [(source, shards)], seed=0)
-    plans = [s.plan(0, k, 4, epoch=2) for k in range(4)]
+    plans = [s.order.plan(0, k, 4, epoch=2) for k in range(4)]
     whole = [sh for p in plans for sh, keep in p if keep is None]
     assert sorted(whole) == sorted(set(whole)) and len(whole) == 8  # 8 shards dealt, each to one stream
     shared = [[(sh, keep) for sh, keep in p if keep is not None] for p in plans]
     assert all(len(p) == 2 for p in shared)  # the other 2 are read by all 4 streams
     for r in range(2):
         assert sorted(p[r][1] for p in shared) == [0, 1, 2, 3]  # ... which keep disjoint quarters
-    assert s.plan(0, 0, 4, epoch=2) != s.plan(0, 0, 4, epoch=3)  # a new shard order each epoch
-    assert s.layout_warning(5) is None and "10 shards" in s.layout_warning(4)
+    assert s.order.plan(0, 0, 4, epoch=2) != s.order.plan(0, 0, 4, epoch=3)  # a new shard order each epoch
+    assert s.order.layout_warning(5) is None and "10 shards" in s.order.layout_warning(4)
 
 
 def consumed(stream_factory, workers, stops, total):
@@ -199,8 +200,8 @@ def test_max_bad_run_stops_a_long_run_of_bad_samples_with_a_message(tokenizer, t
 def test_unexpected_sample_errors_cost_one_sample(tokenizer, tmp_path):
     source, shards = web_shards(tmp_path, 6, 1)
     s = make_stream(tokenizer, [(source, shards)], batch_size=2, shuffle=False)
-    transform = s.transform
-    s.transform = lambda img, *a, **kw: ((_ for _ in ()).throw(RuntimeError("boom")) if get_size(img)[1] % 2
+    transform = s.prepare.transform
+    s.prepare.transform = lambda img, *a, **kw: ((_ for _ in ()).throw(RuntimeError("boom")) if get_size(img)[1] % 2
                                         else transform(img, *a, **kw))
     with pytest.warns(DataWarning, match="boom"):
         batches = one_pass(s, 0)
@@ -235,8 +236,8 @@ def test_main_process_loading_runs_on_one_thread_and_gives_the_threads_back(toke
     source, shards = web_shards(tmp_path, 12, 1)
     s = make_stream(tokenizer, [(source, shards)], shuffle=False)
     seen = []
-    transform = s.transform
-    s.transform = lambda *a: (seen.append(torch.get_num_threads()), transform(*a))[1]
+    transform = s.prepare.transform
+    s.prepare.transform = lambda *a: (seen.append(torch.get_num_threads()), transform(*a))[1]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -306,7 +307,7 @@ def test_a_dead_shard_inside_good_data_is_skipped_and_counted(tokenizer, tmp_pat
 
 
 def test_a_whole_pass_with_nothing_usable_stops_naming_the_files(tokenizer, tmp_path):
-    from vlm.data.stream import DataError
+    from vlm.errors import DataError
 
     source = WebDataset()
     files = [dead_shard(tmp_path / "dead-0.tar", 30), dead_shard(tmp_path / "dead-1.tar", 30)]

@@ -2,7 +2,8 @@ import hashlib
 import json
 import tarfile
 
-from vlm.data.synthetic import HELD_OUT, SyntheticData
+from vlm.data.synthetic import SyntheticData
+from vlm.data.synthetic_scenes import HELD_OUT
 
 
 def digest(paths):
@@ -62,7 +63,7 @@ def test_wide_scenes_span_web_aspect_ratios_and_sizes_and_the_default_is_unchang
     import json
     from dataclasses import asdict
 
-    from vlm.data.synthetic import layout
+    from vlm.data.synthetic_scenes import layout
 
     sizes = [layout(0, "train", i, "wide")[:2] for i in range(400)]
     ratios = [max(w, h) / min(w, h) for w, h in sizes]
@@ -90,7 +91,7 @@ def test_the_colour_probe_is_decided_by_the_dot_alone():
     from PIL import Image
 
     from tests.conftest import ROOT
-    from vlm.data.synthetic import COLORS, probe_layout, probe_sample, render
+    from vlm.data.synthetic_scenes import COLORS, probe_layout, probe_sample, render
     from vlm.data.transforms import build_transform, to_boxes
 
     control = OmegaConf.load(ROOT / "conf" / "data" / "synthetic_control.yaml")

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from tests.conftest import compose_config
-from vlm.data.synthetic import NUMBERS
 from vlm.data.synthetic_glyphs import (
     COLORS,
     GLYPHS,
@@ -20,6 +19,7 @@ from vlm.data.synthetic_glyphs import (
     make_sample,
     write_shard,
 )
+from vlm.data.synthetic_scenes import NUMBERS
 
 # Overrides that point data=glyphs at the module's small data set (with `paths.data_dir=<its parent>`).
 SMALL_GLYPHS = [

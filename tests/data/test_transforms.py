@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision import tv_tensors
 
-from vlm.data.synthetic import layout, render
+from vlm.data.synthetic_scenes import layout, render
 from vlm.data.transforms import build_transform, resized_shape, to_boxes
 
 
@@ -25,7 +25,7 @@ def test_transformed_boxes_frame_their_shapes(synthetic, index):
     img = render(0, "val", index, w, h, objs)
     out, boxes = build_transform(192, 320)(img, to_boxes([o.box for o in objs], h, w))
     rgb = out * 0.5 + 0.5
-    from vlm.data.synthetic import COLORS
+    from vlm.data.synthetic_scenes import COLORS
 
     for o, b in zip(objs, boxes.as_subclass(torch.Tensor)):
         x1, y1, x2, y2 = b.round().int().tolist()

@@ -411,7 +411,7 @@ def test_a_clips_foil_is_the_caption_of_its_frames_played_backwards_byte_for_byt
     import json
     import tarfile
 
-    from vlm.data.synthetic import COLORS
+    from vlm.data.synthetic_scenes import COLORS
     from vlm.data.synthetic_video import write_shard
 
     events = Counter()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import SMALL_DATA, compose_config
-from vlm.data.synthetic import random_batch as synthetic_batch
+from vlm.bench.fixtures import random_batch as synthetic_batch
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.vilt import ViLT
 from vlm.tasks.pretrain import PretrainLitModule

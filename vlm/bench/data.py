@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.common import FAST, optimizer_for, time_steps, train_step
-from vlm.data.synthetic import random_batch
+from vlm.bench.fixtures import random_batch
 
 WHAT = ("loader samples/s per core on photo-sized JPEGs (PIL path vs fast path) beside ViLT-B/32's consumption on "
         "an H100; per data layout with 0, 1, 2 workers, beside the step's consumption")

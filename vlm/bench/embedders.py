@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.common import FAST, optimizer_for, timed, train_step
-from vlm.data.synthetic import scene_batch
+from vlm.bench.fixtures import scene_batch
 from vlm.precision import autocast
 
 WHAT = "every embedder in conf/model/embedder side by side: parameters, GFLOPs, ms alone and in a step; images and clips"
@@ -40,8 +39,8 @@ def clip_cases() -> dict[str, list[str]]:
 def run(args) -> dict:
     """Cost of each visual embedder, side by side: on the built-in scenes, and the video embedders on the built-in
     clips (per clip: the same columns)."""
+    from vlm.bench.fixtures import clip_batch
     from vlm.cli import compose_train
-    from vlm.data.synthetic_video import clip_batch
 
     n, vocab = args.batch, 4096
     base = compose_train([])
@@ -66,14 +65,14 @@ def measure(rows_overrides: dict[str, list[str]], batch, vocab: int, repeats: in
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlm.cli import compose_train
-    from vlm.tasks.base import build_task
+    from vlm.tasks.base import build_task_without_data
 
     n = len(batch)
     rows = {}
     for name, overrides in rows_overrides.items():
         cfg = compose_train(overrides)
         torch.manual_seed(0)
-        task = build_task(cfg.task, cfg.model, SimpleNamespace(vocab_size=vocab, region_features=None))
+        task = build_task_without_data(cfg.task, cfg.model, vocab)
         emb = task.model.embedder
         cost = emb.cost(batch.images, batch.pixel_mask, batch.boxes)
         with FlopCounterMode(display=False) as counter, autocast(FAST):

@@ -21,12 +21,13 @@ def wide_batch(n: int, token_budget: int, vocab: int):
     spread of image and text lengths a real batch has, which is what padding is made of."""
     import numpy as np
 
-    from vlm.data.synthetic import SPLITS, _caption, layout, scene_batch
+    from vlm.bench.fixtures import scene_batch
+    from vlm.data.synthetic_scenes import SPLITS, layout, scene_caption
     from vlm.models.objectives import IGNORE
 
     batch = scene_batch(n, 0, 0, vocab, aspect="wide", token_budget=token_budget)
-    lengths = [min(40, 2 + len(_caption(layout(0, "val", i, "wide")[2],
-                                        np.random.default_rng([0, SPLITS["val"], i, 2])).split())) for i in range(n)]
+    lengths = [min(40, 2 + len(scene_caption(layout(0, "val", i, "wide")[2],
+                                             np.random.default_rng([0, SPLITS["val"], i, 2])).split())) for i in range(n)]
     g = torch.Generator().manual_seed(0)
     width = max(lengths)
     ids = torch.randint(5, vocab, (n, width), generator=g)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.common import PRECISIONS, time_steps
-from vlm.data.synthetic import random_batch
+from vlm.bench.fixtures import random_batch
 
 WHAT = "training-step throughput of vilt_tiny and vilt_base on synthetic batches, fp32 against bf16"
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.common import FAST, alternate, optimizer_for, tiny_task, train_step
-from vlm.data.synthetic import random_batch
+from vlm.bench.fixtures import random_batch
 
 WHAT = "a vilt_tiny step with 1 intra-op thread against all of them, alternated"
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.common import FAST, alternate, optimizer_for, tiny_task, train_step
-from vlm.data.synthetic import random_batch
+from vlm.bench.fixtures import random_batch
 
 WHAT = "word-patch alignment: batched IPOT against a loop, a step with WPA against one without"
 

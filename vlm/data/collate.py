@@ -2,8 +2,8 @@
 
 `ImageCollator` pads images with a pixel mask and keeps their boxes (detection); `Collator` also tokenises the
 text; `PretrainCollator` also masks whole words for MLM and draws ITM negatives. Images are padded bottom/right,
-so `real_extent` reads each one's size back from the mask. The loader's images stay uint8 up to the device, where
-`Batch.normalized` makes them the floats the models take.
+so `vlm.common.real_extent` reads each one's size back from the mask. The loader's images stay uint8 up to the
+device, where `Batch.normalized` makes them the floats the models take.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from annotated_types import Ge, Interval
 from torch import Tensor
 
+from vlm.common import IGNORE
 from vlm.data.answers import AnswerVocab
 from vlm.data.sample import Sample
 from vlm.data.transforms import normalize
-from vlm.models.objectives import IGNORE
 
 
 @dataclass
@@ -143,11 +143,6 @@ def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
         out[i, : c.shape[0], :, : c.shape[2], : c.shape[3]] = c
         mask[i, : c.shape[0], : c.shape[2], : c.shape[3]] = True
     return out, mask
-
-
-def real_extent(pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Each image's real (unpadded) height and width in pixels, [B] each: images are padded bottom/right."""
-    return pixel_mask[:, :, 0].sum(1), pixel_mask[:, 0, :].sum(1)
 
 
 def whole_word_mask(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm.data.synthetic import COLORS, SPLITS, _caption, _draw_shape, jpeg, layout, make_sample
+from vlm.data.synthetic_scenes import COLORS, SPLITS, draw_shape, jpeg, layout, make_sample, scene_caption
 
 FORMATS = ("webdataset", "parquet", "coco_karpathy", "imagefolder")
 PHOTO_SIZES = ((640, 480), (1600, 1200))  # (width, height): a web photo, a camera's
@@ -124,7 +124,7 @@ def photo(seed: int, split: str, index: int, width: int, height: int, partner: i
              for x1, y1, x2, y2 in meta["boxes"]]
     draw = ImageDraw.Draw(img)
     for box, obj in zip(boxes, meta["objects"]):
-        _draw_shape(draw, obj["shape"], tuple(box), COLORS[obj["color"]])
+        draw_shape(draw, obj["shape"], tuple(box), COLORS[obj["color"]])
     grain = torch.randn(height, width, 1, generator=g) * 6
     pixels = (torch.from_numpy(np.array(img)).float() + grain).clamp(0, 255).to(torch.uint8)
     return key, jpeg(Image.fromarray(pixels.numpy())), {**meta, "width": width, "height": height, "boxes": boxes}
@@ -180,7 +180,8 @@ def write_images(folder: Path, samples, seed: int, failed: float, corrupt: float
 def captions(seed: int, split: str, index: int, first: str, n: int) -> list[str]:
     """The scene's caption and n - 1 more drawn like it, as COCO has five per image."""
     objs = layout(seed, split, index)[2]
-    return [first] + [_caption(objs, np.random.default_rng([seed, SPLITS[split], index, 3, j])) for j in range(1, n)]
+    rngs = (np.random.default_rng([seed, SPLITS[split], index, 3, j]) for j in range(1, n))
+    return [first] + [scene_caption(objs, rng) for rng in rngs]
 
 
 def write_coco_karpathy(out: str | Path, sizes: dict[str, int], captions_per_image: int = 5, seed: int = 0,

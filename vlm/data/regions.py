@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlm.common import atomic_write
 from vlm.data.decode import BadSample
 from vlm.data.transforms import proper
 
@@ -132,34 +133,36 @@ def _parse_tsv(line: bytes, path: str) -> Regions:
 
 
 def write_regions(path: str | Path, items: Iterable[tuple[str, Regions]]) -> int:
-    """Write ``(key, Regions)`` pairs in the layout the suffix names; returns how many images were written."""
+    """Write ``(key, Regions)`` pairs in the layout the suffix names, whole or not at all; returns how many images
+    were written."""
     kind, n = _kind(path), 0
-    tmp = Path(f"{path}.tmp")
-    if kind == "tsv":
-        with open(tmp, "wb") as f:
-            for key, r in items:
-                b64 = [base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()) for a in (r.boxes, r.features)]
-                head = [str(v).encode() for v in (key, r.width, r.height, len(r.boxes))]
-                f.write(b"\t".join([*head, *b64]) + b"\n")
-                n += 1
-    elif kind == "h5":
-        import h5py
+    with atomic_write(path) as tmp:
+        if kind == "tsv":
+            with open(tmp, "wb") as f:
+                for key, r in items:
+                    b64 = [base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+                           for a in (r.boxes, r.features)]
+                    head = [str(v).encode() for v in (key, r.width, r.height, len(r.boxes))]
+                    f.write(b"\t".join([*head, *b64]) + b"\n")
+                    n += 1
+        elif kind == "h5":
+            import h5py
 
-        with h5py.File(tmp, "w") as f:
-            for key, r in items:
-                g = f.create_group(key)
-                g.create_dataset("boxes", data=np.asarray(r.boxes, dtype=np.float32))
-                g.create_dataset("features", data=np.asarray(r.features))
-                g.attrs["image_w"], g.attrs["image_h"] = r.width, r.height
-                n += 1
-    else:  # npz written entry by entry, so nothing has to fit in memory at once
-        with zipfile.ZipFile(tmp, "w") as z:
-            for key, r in items:
-                for name, a in (("boxes", np.asarray(r.boxes, dtype=np.float32)), ("features", np.asarray(r.features)),
-                                ("size", np.array([r.width, r.height], dtype=np.int64))):
-                    with z.open(f"{key}/{name}.npy", "w", force_zip64=True) as entry:
-                        np.lib.format.write_array(entry, a)
-                n += 1
-    tmp.replace(path)
+            with h5py.File(tmp, "w") as f:
+                for key, r in items:
+                    g = f.create_group(key)
+                    g.create_dataset("boxes", data=np.asarray(r.boxes, dtype=np.float32))
+                    g.create_dataset("features", data=np.asarray(r.features))
+                    g.attrs["image_w"], g.attrs["image_h"] = r.width, r.height
+                    n += 1
+        else:  # npz written entry by entry, so nothing has to fit in memory at once
+            with zipfile.ZipFile(tmp, "w") as z:
+                for key, r in items:
+                    for name, a in (("boxes", np.asarray(r.boxes, dtype=np.float32)),
+                                    ("features", np.asarray(r.features)),
+                                    ("size", np.array([r.width, r.height], dtype=np.int64))):
+                        with z.open(f"{key}/{name}.npy", "w", force_zip64=True) as entry:
+                            np.lib.format.write_array(entry, a)
+                    n += 1
     return n
 

@@ -35,7 +35,8 @@ from functools import cache, lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vlm.data.synthetic import NUMBERS, SPLITS, Generated, _a, write_tar
+from vlm.data.synthetic import Generated, write_tar
+from vlm.data.synthetic_scenes import NUMBERS, SPLITS, with_article
 
 # Letters and digits a sans-serif font draws apart: no A (the article), I/O (1/0), S/Z (5/2), B/D (8/0), Q (O).
 LETTERS = "CEFGHJKLMNPRTUVWXY"
@@ -205,24 +206,24 @@ def caption(glyphs: list[Glyph], tone: str, rng: np.random.Generator) -> str:
     if len(glyphs) == 1:
         p = glyphs[0].phrase(rng)
         templates = ("{a}.", "there is {a}.", "{a} on a {tone} background.", "just one character: {a}.", "a single {p}.")
-        return templates[rng.integers(len(templates))].format(a=_a(p), p=p, tone=tone)
+        return templates[rng.integers(len(templates))].format(a=with_article(p), p=p, tone=tone)
     order = list(rng.permutation(len(glyphs)))
     a, b = glyphs[order[0]], glyphs[order[1]]
     rel = relation(a, b)
     kind = rng.integers(3)
     if kind == 0:
-        head = f"{_a(a.phrase(rng))} {rel} {_a(b.phrase(rng))}"
+        head = f"{with_article(a.phrase(rng))} {rel} {with_article(b.phrase(rng))}"
     elif kind == 1:
         head = f"the {a.phrase(rng)} is {rel} the {b.phrase(rng)}"
     else:
-        head = f"{_a(a.phrase(rng))} sits {rel} {_a(b.phrase(rng))}"
+        head = f"{with_article(a.phrase(rng))} sits {rel} {with_article(b.phrase(rng))}"
     rest = [glyphs[i] for i in order[2:]]
     if not rest:
         text = head + "."
     elif rng.random() < 0.5:
-        text = head + ", and " + " and ".join(_a(g.phrase(rng)) for g in rest) + "."
+        text = head + ", and " + " and ".join(with_article(g.phrase(rng)) for g in rest) + "."
     else:
-        text = head + ". there is also " + " and ".join(_a(g.phrase(rng)) for g in rest) + "."
+        text = head + ". there is also " + " and ".join(with_article(g.phrase(rng)) for g in rest) + "."
     if rng.random() < 0.3:
         text = f"{NUMBERS[len(glyphs)]} characters: " + text
     return text
@@ -244,11 +245,11 @@ def questions(glyphs: list[Glyph], rng: np.random.Generator, combos: tuple[tuple
     present = sorted({(g.color, g.char) for g in glyphs})
     if rng.random() < 0.5:
         c, ch = present[rng.integers(len(present))]
-        qa.append({"question": f"is there {_a(c)} {ch}?", "answer": "yes", "type": "exist"})
+        qa.append({"question": f"is there {with_article(c)} {ch}?", "answer": "yes", "type": "exist"})
     else:
         absent = [cg for cg in combos if cg not in present]
         c, ch = absent[rng.integers(len(absent))]
-        qa.append({"question": f"is there {_a(c)} {ch}?", "answer": "no", "type": "exist"})
+        qa.append({"question": f"is there {with_article(c)} {ch}?", "answer": "no", "type": "exist"})
     return qa
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm.data.synthetic import COLORS, SHAPES, SPLITS, Generated, _a, _draw_shape, write_tar
+from vlm.data.synthetic import Generated, write_tar
+from vlm.data.synthetic_scenes import COLORS, SHAPES, SPLITS, draw_shape, with_article
 from vlm.data.video import encode_video
 
 EVENTS = ("move", "appear", "colour", "approach")
@@ -101,9 +102,9 @@ def clip(seed: int, split: str, index: int, frames: int = 17, height: int = 96, 
     for k in range(frames):  # the actor is drawn last: where the shapes cross, it is on top
         img = background.copy()
         draw = ImageDraw.Draw(img)
-        _draw_shape(draw, other[0], _box(ox, oy, size), COLORS[other[1]])
+        draw_shape(draw, other[0], _box(ox, oy, size), COLORS[other[1]])
         if shown[k]:
-            _draw_shape(draw, actor[0], _box(xs[k], ys[k], size), COLORS[colour[k]])
+            draw_shape(draw, actor[0], _box(xs[k], ys[k], size), COLORS[colour[k]])
         out.append(np.asarray(img))
     video = np.stack(out[::-1] if reverse else out)
     caption, foil = _captions(rng, event, reverse, actor, other, colour, locals().get("axis"))
@@ -120,7 +121,7 @@ def _captions(rng, event: str, reverse: bool, actor, other, colour, axis) -> tup
     """(the caption of the clip as played, the caption of it played the other way)."""
     a = f"{actor[1]} {actor[0]}"
     o = f"{other[1]} {other[0]}"
-    lead = (f"the {a}", _a(a))[int(rng.integers(2))]
+    lead = (f"the {a}", with_article(a))[int(rng.integers(2))]
     if event == "move":
         drawn = axis
         template = ("{lead} moves {d}.", "{lead} slides {d}.", "{lead} moves {d} past the {o}.")[int(rng.integers(3))]
@@ -186,27 +187,6 @@ def texts(shards: list[str]):
                     record = json.loads(tar.extractfile(member).read())
                     yield record["caption"]
                     yield record["foil"]
-
-
-def clip_batch(n: int, frames: int, vocab: int):
-    """``n`` validation clips of the built-in video, ``frames`` frames each (segment middles, as evaluation samples
-    them), in a pretraining batch of random text (no files needed): for timing and tests."""
-    import torch
-
-    from vlm.data.collate import pad_images
-    from vlm.data.synthetic import random_batch
-    from vlm.data.transforms import MEAN, STD
-    from vlm.data.video import ClipSampler
-
-    sampler = ClipSampler(frames)
-    clips = []
-    for i in range(n):
-        video, _ = clip(0, "val", i)
-        picked = torch.from_numpy(video[sampler.indices(len(video), train=False)]).permute(0, 3, 1, 2).float() / 255
-        clips.append((picked - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])
-    batch = random_batch(n, 30, 32, 32, vocab)
-    batch.images, batch.pixel_mask = pad_images(clips)
-    return batch
 
 
 def main() -> None:

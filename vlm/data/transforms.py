@@ -1,5 +1,5 @@
-"""Image transforms on torchvision transforms v2, so boxes follow every resize and flip; the normalisation every
-model and tool shares (`MEAN`, `STD`, `normalize`, `denormalize`).
+"""Image transforms on torchvision transforms v2, so boxes follow every resize and flip; `normalize`, the
+normalisation every model takes (its constants and inverse, which the models use too, are in `vlm.common`).
 
 The loader's transform keeps images uint8 (`ImageTransform` with ``normalize=False``): a quarter of the bytes to
 collate, pin and copy, and torchvision's uint8 resize kernels; `normalize` turns them to floats once, on the device
@@ -21,10 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
-# pixel normalisation (Kim et al. 2021, ViLT, and its public code: mean = std = 0.5 per channel)
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
-
+from vlm.common import MEAN, STD
 
 def normalize(images: Tensor, pixel_mask: Tensor | None = None) -> Tensor:
     """The loader's uint8 images [..., 3, H, W] (channels-last or not) -> contiguous floats normalised as the
@@ -39,14 +36,6 @@ def normalize(images: Tensor, pixel_mask: Tensor | None = None) -> Tensor:
     if pixel_mask is not None:
         out.masked_fill_(~pixel_mask.unsqueeze(-3), 0.0)
     return out
-
-
-def denormalize(images: Tensor) -> Tensor:
-    """Normalised images [..., 3, H, W] back to RGB in [0, 1] (what torchvision's detectors take): the inverse of
-    the transform's normalisation."""
-    mean = images.new_tensor(MEAN)[:, None, None]
-    std = images.new_tensor(STD)[:, None, None]
-    return images * std + mean
 
 
 def resized_shape(h: int, w: int, shorter: int, longer: int, divisor: int) -> tuple[int, int]:

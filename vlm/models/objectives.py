@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlm.data.transforms import denormalize
-
-IGNORE = -100  # label of positions that carry no MLM / MPP target
+from vlm.common import IGNORE, denormalize
 
 
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:

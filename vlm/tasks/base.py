@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -15,8 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from vlm.callbacks import Throughput
-from vlm.config import building, data_line, first_reported
-from vlm.errors import ConfigError, DataError
+from vlm.errors import ConfigError, DataError, building, data_line, first_reported
 from vlm.models import weights
 from vlm.tasks.optim import make_optimizer, warmup_linear
 
@@ -196,6 +196,13 @@ def build_task(task_node: DictConfig, model_node: DictConfig, datamodule, init: 
         node["num_modality_types"] = model.token_type_embeddings.num_embeddings
     task.hparams["model"] = node
     return task
+
+
+def build_task_without_data(task_node: DictConfig, model_node: DictConfig, vocab_size: int,
+                            init: bool = True) -> VLTaskModule:
+    """`build_task` where no data module is at hand (a tool rebuilding a run from its config, a benchmark): of the
+    data it reads only the vocabulary size; there is no region feature file."""
+    return build_task(task_node, model_node, SimpleNamespace(vocab_size=vocab_size, region_features=None), init=init)
 
 
 def build_model(model_node: DictConfig | dict, vocab_size: int | Callable[[], int] | None = None):

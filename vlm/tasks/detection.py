@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import FasterRCNN
 
-from vlm.data.collate import Batch, real_extent
-from vlm.data.transforms import denormalize
+from vlm.common import denormalize, real_extent
+from vlm.data.collate import Batch
 from vlm.tasks.base import VLTaskModule
 
 

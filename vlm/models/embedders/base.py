@@ -90,6 +90,13 @@ class VisualEmbedder(nn.Module, ABC):
         """Which of the token fields ``wanted`` this embedder does not give."""
         return sorted(set(wanted) - set(self.gives))
 
+    def adopt(self, state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], str] | None:
+        """This embedder's weights made from another embedder's, for ``model.init_from`` across embedders (an image
+        checkpoint starting a video model): ``state`` is that embedder's state dict, ``source`` its class name.
+        Returns the weights (keyed as this embedder's state dict; those left out keep their initialisation) and
+        what was made of them, in a few words; None where this embedder cannot start from that one's."""
+        return None
+
     def train(self, mode: bool = True):
         # a frozen embedder stays in eval mode (BatchNorm statistics, dropout) whatever the model does
         return super().train(mode and not self.freeze)

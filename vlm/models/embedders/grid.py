@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.data.collate import real_extent
+from vlm.common import real_extent
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
 from vlm.models.embedders.positions import RowColumnEmbedding, sine_2d
 from vlm.models.embedders.trunk import ResNetTrunk

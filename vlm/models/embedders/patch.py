@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from torch import Tensor, nn
 
-from vlm.data.collate import real_extent
+from vlm.common import real_extent
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
 from vlm.models.embedders.positions import RowColumnEmbedding, resize_grid_table
 

@@ -52,6 +52,25 @@ class RowColumnEmbedding(torch.nn.Module):
             )
         return self.rows.weight[:gh, None, :] + self.cols.weight[None, :gw, :]
 
+    def adopted(self, rows: Tensor, cols: Tensor) -> dict[str, Tensor]:
+        """This module's state dict with ``rows`` [R, D] and ``cols`` [C, D] (another embedder's) as its first
+        entries. Row r is the cells r patches down in both, so a table longer than the other's keeps its own
+        initialisation past the other's end, and a shorter one takes the other's first rows."""
+        out = {}
+        for name, new in (("rows", rows), ("cols", cols)):
+            table = getattr(self, name).weight.detach().clone()
+            n = min(table.shape[0], new.shape[0])
+            table[:n] = new[:n].to(table.dtype)
+            out[f"{name}.weight"] = table
+        return out
+
+
+def row_column_fit(table: Tensor) -> tuple[Tensor, Tensor]:
+    """The row and column tables whose sums come closest, in least squares, to a grid table [H, W, D]: row i is the
+    table's mean over columns, column j its mean over rows less the grand mean. Exact where the table is a row term
+    plus a column term; how ViT's learned table becomes factorised positions."""
+    return table.mean(1), table.mean(0) - table.mean((0, 1))
+
 
 def sine_2d(heights: Tensor, widths: Tensor, gh: int, gw: int, dim: int, temperature: float = 10000.0) -> Tensor:
     """DETR's normalised 2-D sine encoding, per image: [B, gh, gw, dim].

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from vlm.data.collate import real_extent
-from vlm.data.transforms import denormalize
+from vlm.common import denormalize, real_extent
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
 from vlm.models.embedders.positions import box_geometry
 from vlm.models.embedders.trunk import ResNetTrunk, trunk_channels

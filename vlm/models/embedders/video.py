@@ -7,6 +7,7 @@ images and videos mix in one batch and one run. No token comes from a padding fr
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
 from vlm.models.embedders.patch import PatchEmbedder
-from vlm.models.embedders.positions import RowColumnEmbedding
+from vlm.models.embedders.positions import RowColumnEmbedding, row_column_fit
 
 
 def as_clips(images: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,6 +33,21 @@ def cell_boxes(cells: Tensor, gw: int, p: int) -> Tensor:
     return torch.stack([col * p, row * p, col * p + p, row * p + p], dim=-1).float()
 
 
+def patch_kernel(state: dict[str, Tensor], in_chans: int, patch_size: int) -> Tensor:
+    """A `PatchEmbedder`'s Conv2d kernel [D, C, p, p] from its state dict, checked against the channels and patch size
+    of the embedder starting from it."""
+    if "proj.weight" not in state:
+        raise ValueError("the checkpoint's patch embedder has no proj.weight")
+    w = state["proj.weight"]
+    if w.shape[-1] != patch_size:
+        raise ValueError(f"the checkpoint's patches are {w.shape[-1]} pixels, the model's {patch_size}: "
+                         f"set model.embedder.patch_size={w.shape[-1]}")
+    if w.shape[1] != in_chans:
+        raise ValueError(f"the checkpoint's patches have {w.shape[1]} channels, the model's {in_chans}: "
+                         f"set model.embedder.in_chans={w.shape[1]}")
+    return w
+
+
 class TubeletEmbedder(VisualEmbedder):
     """ViViT's tubelet embedding (Arnab et al. 2021, §3.2): Conv3d(3, D, (t, p, p), stride (t, p, p)), one token per
     t frames x p x p pixels, plus learned time, row and column positions (summed: factorised, so any length and
@@ -42,6 +58,9 @@ class TubeletEmbedder(VisualEmbedder):
     therefore the image repeated t times: its tokens equal a Conv2d of the kernel summed over time, which is
     I3D's inflation read backwards (Carreira & Zisserman 2017 inflate a 2-D kernel by copying it over time,
     divided by t); the image needs no kernel of its own, and images and clips share every weight.
+
+    It starts from a `PatchEmbedder`'s weights (``model.init_from`` an image checkpoint) by that inflation (`adopt`),
+    so a static clip, and an image, get the patch embedder's tokens' content.
     """
 
     takes_clips = True
@@ -68,6 +87,30 @@ class TubeletEmbedder(VisualEmbedder):
         for param in (self.cls_pos, self.time_embed):
             nn.init.trunc_normal_(param, std=0.02)
         self.rows_cols = RowColumnEmbedding(hidden_size, max_grid, max_grid)
+
+    def adopt(self, state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], str] | None:
+        """A `PatchEmbedder`'s weights inflated over time (I3D; ViViT §3.4): its kernel copied into each of the t time
+        slices and divided by t, so a static clip gets the 2-D kernel's response, its bias as it is. Its ViT
+        position table becomes the row and column tables by the best additive fit, cell for cell (row r is the
+        cells r patches down in both: exact for a clip the size of the table's images), with the table's entry 0 as
+        the image CLS's position; factorised positions are copied. The time positions keep their initialisation."""
+        if source != "PatchEmbedder":
+            return None
+        t = self.tubelet_frames
+        w = patch_kernel(state, self.proj.in_channels, self.patch_size)
+        out = {"proj.weight": w[:, :, None].repeat(1, 1, t, 1, 1) / t, "proj.bias": state["proj.bias"]}
+        if "pos_embed" in state:
+            table = state["pos_embed"][0]
+            g = math.isqrt(table.shape[0] - 1)
+            rows, cols = row_column_fit(table[1:].reshape(g, g, -1))
+            out["cls_pos"], how = table[0], f"positions fitted to its {g}x{g} table"
+        elif "rows_cols.rows.weight" in state:
+            rows, cols = state["rows_cols.rows.weight"], state["rows_cols.cols.weight"]
+            out["cls_pos"], how = state["cls_pos"], "positions copied"
+        else:
+            raise ValueError("the checkpoint's patch embedder has neither a ViT position table nor row and column tables")
+        out.update({f"rows_cols.{k}": v for k, v in self.rows_cols.adopted(rows, cols).items()})
+        return out, f"patch embedder inflated into tubelet (kernel over {t} frames, {how})"
 
     def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
         x, mask, lengths = as_clips(images, pixel_mask)
@@ -102,7 +145,7 @@ class FramesEmbedder(VisualEmbedder):
     ``keep="middle"``: only each clip's middle real frame (the "does it need time?" control: the same weights and
     tokens per frame, one frame). ``patch``: the `PatchEmbedder`'s arguments (its own ``max_tokens`` is unused:
     ``max_tokens`` caps the tokens of the whole clip). An image is a clip of one frame: its tokens are the patch
-    embedder's plus the first frame's time embedding.
+    embedder's plus the first frame's time embedding; it starts from a `PatchEmbedder`'s weights as they are (`adopt`).
     """
 
     takes_clips = True
@@ -129,6 +172,23 @@ class FramesEmbedder(VisualEmbedder):
                                    positions=positions)
         self.time_embed = nn.Parameter(torch.zeros(max_frames, hidden_size))
         nn.init.trunc_normal_(self.time_embed, std=0.02)
+
+    def adopt(self, state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], str] | None:
+        """A `PatchEmbedder`'s weights as this one's per-frame patch embedder, unchanged (a ViT table of another
+        grid is resized as for a patch model); the time positions keep their initialisation."""
+        if source != "PatchEmbedder":
+            return None
+        patch_kernel(state, self.patch.proj.in_channels, self.patch.patch_size)
+        theirs = "vit" if "pos_embed" in state else "factorised"
+        if theirs != self.patch.positions:
+            raise ValueError(f"the checkpoint's patch embedder has positions={theirs}, the model's frames positions="
+                             f"{self.patch.positions}: set model.embedder.positions={theirs}")
+        out = {f"patch.{k}": v for k, v in state.items()}
+        if theirs == "factorised":  # tables of another length: row r is row r
+            tables = self.patch.rows_cols.adopted(state["rows_cols.rows.weight"], state["rows_cols.cols.weight"])
+            out.update({f"patch.rows_cols.{k}": v for k, v in tables.items()})
+        name = "frames" if self.keep == "all" else "single_frame"
+        return out, f"patch embedder taken into {name} (every frame's patches as the image's; time positions new)"
 
     def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
         x, mask, lengths = as_clips(images, pixel_mask)

@@ -27,6 +27,8 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from vlm.common import atomic_write
+
 log = logging.getLogger("vlm.models.weights")
 
 FORMAT = "vlm-vilt-v1"
@@ -162,11 +164,8 @@ def checkpoint(model: nn.Module, heads: Mapping[str, nn.Module] | None = None, s
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
     """Write atomically: a file of that name is always a whole checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    with atomic_write(path, fsync=True) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def build(ckpt: Checkpoint) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -194,12 +193,15 @@ def load_into(model: nn.Module, ckpt: Checkpoint, origin: str = "checkpoint") ->
 
     Every weight of the model must be in the checkpoint, except for a ViT, which initialises the
     transformer and the patch projection and leaves the text side, modality types and pooler as they are.
+    A checkpoint of another embedder than the model's (an image model's, starting a video model) goes
+    through the model's embedder's ``adopt``, which says what it makes of those weights or that it cannot.
     """
     state = split_state(ckpt["state_dict"]).get("model")
     if not state:
         raise ValueError(f"{origin}: holds no model weights")
     _check_architecture(model, ckpt.get("config") or {}, origin)
     own = model.state_dict()
+    state, fresh, adopted = _adopt_embedder(model, state, ckpt.get("config") or {}, origin)
     state = _fit_position_table(state, own, origin)
     state = _fit_modality_types(state, own, origin)
     unexpected = sorted(state.keys() - own.keys())
@@ -209,10 +211,13 @@ def load_into(model: nn.Module, ckpt: Checkpoint, origin: str = "checkpoint") ->
         if v.shape != own[k].shape:
             raise ValueError(f"{origin}: {k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
     missing = sorted(own.keys() - state.keys())
-    allowed = ckpt.get("source") == "vit"
-    if missing and not (allowed and all(k.startswith(NOT_IN_VIT) for k in missing)):
-        raise ValueError(f"{origin}: lacks {few(missing)}")
+    vit = ckpt.get("source") == "vit"
+    lacks = [k for k in missing if k not in fresh and not (vit and k.startswith(NOT_IN_VIT))]
+    if lacks:
+        raise ValueError(f"{origin}: lacks {few(lacks)}")
     model.load_state_dict(state, strict=False)
+    if adopted:
+        log.info("model.init_from: %s", adopted)
     kept = f"; new: {', '.join(sorted({k.split('.')[0] for k in missing}))}" if missing else ""
     log.info("init_from %s: %d tensors (%s)%s", origin, len(state), ckpt.get("source"), kept)
 
@@ -287,12 +292,8 @@ def _check_architecture(model: nn.Module, cfg: Mapping[str, Any], origin: str) -
     own = vilt_config(model)
     pairs = [(k, cfg.get(k), own[k], f"model.{k}") for k in ARCHITECTURE]
     emb = cfg.get("embedder") or {}
-    theirs, ours = emb.get("_target_"), own["embedder"]["_target_"]
-    if theirs and theirs != ours:
-        name = theirs.rsplit(".", 1)[-1].removesuffix("Embedder").lower()
-        raise ValueError(f"{origin} has a {theirs.rsplit('.', 1)[-1]}, the model a {ours.rsplit('.', 1)[-1]}: "
-                         f"set model/embedder={name}")
-    pairs += [(k, emb.get(k), own["embedder"].get(k), f"model.embedder.{k}") for k in EMBEDDER_ARCHITECTURE]
+    if emb.get("_target_") in (None, own["embedder"]["_target_"]):  # another embedder's: its adopt checks
+        pairs += [(k, emb.get(k), own["embedder"].get(k), f"model.embedder.{k}") for k in EMBEDDER_ARCHITECTURE]
     for key, want, have, where in pairs:
         if want is None or have is None:  # not recorded, or not read off this embedder (its weights' shapes tell)
             continue
@@ -301,16 +302,41 @@ def _check_architecture(model: nn.Module, cfg: Mapping[str, Any], origin: str) -
             raise ValueError(f"{origin} has {key}={want!r}, the model {key}={have!r}: set {where}={want!r}")
 
 
+def _adopt_embedder(model: nn.Module, state: dict[str, Tensor], cfg: Mapping[str, Any],
+                    origin: str) -> tuple[dict[str, Tensor], set[str], str | None]:
+    """(the weights, the model's embedder weights they leave to their initialisation, what was adopted): a
+    checkpoint of another embedder than the model's, as the model's embedder's ``adopt`` makes it into its own."""
+    emb = getattr(model, "embedder", None)
+    theirs = (cfg.get("embedder") or {}).get("_target_")
+    if emb is None or not theirs or theirs == f"{type(emb).__module__}.{type(emb).__name__}":
+        return state, set(), None
+    source, ours = theirs.rsplit(".", 1)[-1], type(emb).__name__
+    try:
+        made = emb.adopt({k.removeprefix("embedder."): v for k, v in state.items() if k.startswith("embedder.")}, source)
+    except ValueError as e:
+        raise ValueError(f"{origin} has a {source}, the model a {ours}: {e}") from None
+    if made is None:
+        raise ValueError(f"{origin} has a {source}, the model a {ours}: "
+                         f"set model/embedder={source.removesuffix('Embedder').lower()}")
+    weights, what = made
+    state = {**{k: v for k, v in state.items() if not k.startswith("embedder.")},
+             **{f"embedder.{k}": v for k, v in weights.items()}}
+    fresh = {f"embedder.{k}" for k in emb.state_dict()} - state.keys()
+    return state, fresh, what
+
+
 def _fit_position_table(state: dict[str, Tensor], own: Mapping[str, Tensor], origin: str) -> dict[str, Tensor]:
-    """Resize the checkpoint's ViT position table to the model's grid when they differ (timm's resampling)."""
+    """Resize the checkpoint's ViT position tables (a patch embedder's, the frames embedder's per-frame one) to the
+    model's grid when they differ (timm's resampling)."""
     from timm.layers import resample_abs_pos_embed
 
-    key = "embedder.pos_embed"
-    if key not in state or state[key].shape == own[key].shape:
-        return state
-    old, new = math.isqrt(state[key].shape[1] - 1), math.isqrt(own[key].shape[1] - 1)
-    log.info("init_from %s: position table resized from %dx%d to %dx%d", origin, old, old, new, new)
-    return {**state, key: resample_abs_pos_embed(state[key], [new, new], [old, old], num_prefix_tokens=1)}
+    for key in ("embedder.pos_embed", "embedder.patch.pos_embed"):
+        if key not in state or key not in own or state[key].shape == own[key].shape:
+            continue
+        old, new = math.isqrt(state[key].shape[1] - 1), math.isqrt(own[key].shape[1] - 1)
+        log.info("init_from %s: position table resized from %dx%d to %dx%d", origin, old, old, new, new)
+        state = {**state, key: resample_abs_pos_embed(state[key], [new, new], [old, old], num_prefix_tokens=1)}
+    return state
 
 
 def _fit_modality_types(state: dict[str, Tensor], own: Mapping[str, Tensor], origin: str) -> dict[str, Tensor]:

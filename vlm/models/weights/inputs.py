@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlm.common import MEAN, STD
 from vlm.models.weights.format import HEAD_NAMES, Checkpoint
 
 # ViltImageProcessor caps the longer side at this ratio of the shorter (COCO's 1333 / 800), whatever it is given
@@ -29,8 +30,6 @@ def export_entries(task, datamodule) -> dict[str, Any]:
     """What a training checkpoint keeps beside its weights for an export: ``labels`` (head name -> the class of
     each output: VQA's answers, NLVR2's False / True) and ``inputs``: ``tokenizer`` (its files) and ``image``
     (the evaluation transform's resize and normalisation, `vlm.data.transforms.build_transform`)."""
-    from vlm.data.transforms import MEAN, STD
-
     out: dict[str, Any] = {}
     labels = {name: list(head.labels) for name in HEAD_NAMES
               if (head := getattr(task, name, None)) is not None and getattr(head, "labels", None)}
@@ -49,29 +48,32 @@ def export_entries(task, datamodule) -> dict[str, Any]:
     return out
 
 
-def save_processor(ckpt: Checkpoint, out: str | Path, tokenizer: str | None = None) -> tuple[list[str], list[str]]:
+def saved_tokenizer(files: dict[str, bytes]):
+    """The tokenizer `tokenizer_files` kept."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            Path(d, name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(d, local_files_only=True)
+
+
+def save_processor(ckpt: Checkpoint, out: str | Path, tokenizer=None) -> tuple[list[str], list[str]]:
     """Write into ``out`` (beside an exported model) what ``ViltProcessor.from_pretrained`` reads: the tokenizer
-    (the checkpoint's, or ``tokenizer``: a directory or a locally cached name), its ``model_max_length`` the
-    model's text length, and a ``ViltImageProcessor`` of the run's resize and normalisation.
+    (``tokenizer``, a `transformers` tokenizer, else the checkpoint's), its ``model_max_length`` the model's text
+    length, and a ``ViltImageProcessor`` of the run's resize and normalisation.
 
     Returns (what was written, what was not and why), as phrases.
     """
     from transformers import ViltImageProcessor
     from transformers.image_utils import PILImageResampling
 
-    from vlm.data.tokenizer import load_tokenizer
-
     cfg, inputs = ckpt["config"], ckpt.get("inputs") or {}
     wrote, notes = [], []
-    tok = None
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    elif inputs.get("tokenizer"):
-        with tempfile.TemporaryDirectory() as d:
-            for name, data in inputs["tokenizer"].items():
-                Path(d, name).write_bytes(data)
-            tok = load_tokenizer(d)
-    else:
+    tok = tokenizer
+    if tok is None and inputs.get("tokenizer"):
+        tok = saved_tokenizer(inputs["tokenizer"])
+    elif tok is None:
         notes.append("no tokenizer (the checkpoint keeps none: give --tokenizer DIR, the run's data.tokenizer)")
     if tok is not None:
         if len(tok) != cfg["vocab_size"]:

@@ -1,6 +1,6 @@
 """The downstream tasks' layouts: VQAv2, NLVR2, and the built-in scenes' questions and pair statements.
 
-Each yields the raw examples of `vlm.data.sources` (a question or a statement as ``text``; what the task scores
+Each yields the raw examples of `vlm.data.sources.base` (a question or a statement as ``text``; what the task scores
 against in ``extra``) and marks what it can already tell is unusable with ``bad``, as every source does.
 COCO/Flickr30K retrieval reads Karpathy's splits with `vlm.data.sources.CocoKarpathy` (``per="image"``).
 """
@@ -16,8 +16,9 @@ from math import ceil
 from datasets import load_dataset
 from lightning.pytorch.utilities import rank_zero_only
 
-from vlm.data.sources import Shard, Source, WebDataset, _TableSource, existing_files
-from vlm.data.synthetic import SHAPES, balanced_statement, layout, scene_jpeg
+from vlm.data.sources.base import Shard, Source, TableSource, existing_files
+from vlm.data.sources.images import WebDataset
+from vlm.data.synthetic_scenes import SHAPES, balanced_statement, layout, scene_jpeg
 
 
 def _top_field(path: str, name: str):
@@ -26,7 +27,7 @@ def _top_field(path: str, name: str):
         return json.load(f).get(name)
 
 
-class VQAv2(_TableSource):
+class VQAv2(TableSource):
     """VQAv2's questions json (``files``) + annotations json (10 answers per question) + the COCO image folders.
 
     The annotations of a questions file are the ``annotations`` file (or glob) with the same ``data_subtype``
@@ -69,7 +70,7 @@ class VQAv2(_TableSource):
             return None, f"no annotations {where}"
         return None, f"no annotations with data_subtype={subtype} {where} (found {'; '.join(found)})"
 
-    def _load(self, path: str, split: str) -> tuple:
+    def load(self, path: str, split: str) -> tuple:
         ds = load_dataset("json", data_files=path, field="questions", split="train", cache_dir=self.cache_dir)
         for column in ("question", "question_id", "image_id"):
             if column not in ds.column_names:
