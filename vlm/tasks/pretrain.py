@@ -1,5 +1,5 @@
 """Pretraining: image-text matching, masked language modelling, word-patch alignment, masked patch prediction
-(Kim et al. 2021, ViLT, §3.2)."""
+(Kim et al. 2021, ViLT, §3.2), and image-text contrast of the unimodal passes (Li et al. 2021, ALBEF)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ class PretrainLitModule(VLTaskModule):
     text with the true images; MLM is read from its text states and, when MPP is on, a fraction
     ``mpp_prob`` of its visual tokens have their content replaced by a learned mask embedding (their
     position is kept) and their quantised mean colour is predicted. Both passes share one embedding of
-    the images. ``objectives`` maps each of itm, mlm, wpa, mpp to its loss weight; a weight of 0
+    the images. ITC runs the text alone and the images alone through the same transformer and contrasts their
+    [CLS] states over the batch (``itc_batch_fraction``: its first rows): from a random start it makes text and
+    image comparable before any cross-modal attention has formed, which ITM alone may never leave ln 2 to find
+    (experiments/itm_start/). ``objectives`` maps each of itm, mlm, wpa, mpp, itc to its loss weight; a weight of 0
     switches it off, and a pass none of its objectives needs is skipped. ``wpa_*`` are IPOT's beta,
     iterations and inner steps. Validation reports the transport distances of matched and mismatched
     pairs (``val/wpa_pos``, ``val/wpa_neg``) for every model, whether or not WPA trains it.
