@@ -20,3 +20,20 @@ def test_photo_report_measures_both_paths_and_the_gpus_consumption(monkeypatch, 
     # forward + backward ~ 3 x 2 x (86 M transformer weights) x tokens, plus attention: 150-160 GFLOPs at 281 tokens
     assert 140e9 < full["flops"] < 170e9 and kept["flops"] < full["flops"]
     assert full["h100_samples_per_s"] == pytest.approx(0.4 * 989e12 / full["flops"])
+
+
+def test_every_exported_format_is_a_fixture_its_config_reads(tmp_path):
+    """The per-layout rows are the built-in data and every format `vlm.data.export` finds in conf/data/, each read by
+    the source its config builds: the training scenes written, in the shards asked for."""
+    from vlm.data.export import formats
+    from vlm.data.sources import read_shard
+
+    assert bench.data_formats() == ["synthetic", *formats()]
+    assert {"webdataset", "parquet", "coco_karpathy", "imagefolder"} <= set(formats())
+    fixtures = bench.data_fixtures(tmp_path, 8, shards=2)
+    assert list(fixtures) == bench.data_formats()
+    for name, (source, files, _) in fixtures.items():
+        shards = source.shards(files, "train")
+        examples = [ex for shard in shards for ex in read_shard(source, shard) if not ex.get("bad")]
+        assert len(shards) >= 2, name
+        assert len(examples) == (8 * 5 if name == "coco_karpathy" else 8), name  # Karpathy: five captions an image

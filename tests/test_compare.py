@@ -16,6 +16,8 @@ from tests.conftest import ROOT, SMALL_DATA
 from vlm.compare import Interval, interval, paired_difference, verdict
 from vlm.compare import main as compare
 
+TASKS = {"pretrain": "vlm.tasks.pretrain.PretrainLitModule", "vqa": "vlm.tasks.vqa.VQALitModule"}
+
 
 def job(root, name, label, seed, metrics, task="pretrain", data="synthetic", packing=False, history=None):
     """A run folder as a Hydra job leaves it: .hydra/ (config, choices) and results.json."""
@@ -25,7 +27,7 @@ def job(root, name, label, seed, metrics, task="pretrain", data="synthetic", pac
               "paths": {"output_dir": str(folder), "data_dir": "/somewhere/data"},
               "data": {"source": {"_target_": f"vlm.data.{data}"}, "batch_size": 16},
               "model": {"embedder": {"_target_": label}, "packing": {"enabled": packing}, "hidden_size": 128},
-              "task": {"_target_": f"vlm.tasks.{task}.Module"}, "trainer": {"max_steps": 100}}
+              "task": {"_target_": TASKS[task]}, "trainer": {"max_steps": 100}}
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     choices = {"task": task, "data": data, "model/embedder": label, "hydra/launcher": "basic"}
     (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
@@ -196,7 +198,8 @@ def test_the_comparison_experiments_declare_controls_on_their_own_arms():
     """compare_video_embedders: single_frame at chance, a time-aware arm above it; compare_embedders: region above
     chance. Each names arms and a metric the experiment's sweep has, in the form vlm.compare reads."""
     from tests.conftest import compose_config
-    from vlm.compare import MAIN, parse_control
+    from vlm.compare import parse_control
+    from vlm.tasks.pretrain import PretrainLitModule
 
     embedders = {p.stem for p in (ROOT / "conf" / "model" / "embedder").glob("*.yaml")}
     expected = {"compare_video_embedders": ["single_frame val/itm_acc contains 0.5",
@@ -206,5 +209,5 @@ def test_the_comparison_experiments_declare_controls_on_their_own_arms():
         cfg = compose_config([f"experiment={experiment}"])
         assert list(cfg.controls) == controls
         for c in map(parse_control, cfg.controls):
-            assert set(c.arms) <= embedders and c.metric == MAIN["pretrain"]
+            assert set(c.arms) <= embedders and c.metric == next(iter(PretrainLitModule.METRICS))  # its headline
     assert list(compose_config([]).controls) == []  # no experiment, no control

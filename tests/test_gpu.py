@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import SMALL_DATA, compose_config
+from vlm.common import VisualInput
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.packing import Packing
 from vlm.models.vilt import ViLT
@@ -105,7 +106,7 @@ def ragged(n: int, seed: int = 1):
         pixel_mask[i, :hi, :wi] = True
         ids[i, :ti] = torch.randint(5, 50, (ti,), generator=g)
         attn[i, :ti] = 1
-    return [v.to(DEVICE) for v in (ids, attn, images, pixel_mask)]
+    return [ids.to(DEVICE), attn.to(DEVICE), VisualInput(images.to(DEVICE), pixel_mask.to(DEVICE))]
 
 
 def outputs_and_grads(model, inputs):

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 
 from tests.conftest import ROOT, SMALL_DATA, compose_config
+from vlm.cli import embedders
 from vlm.errors import ConfigError
 from vlm.train import build, train
 
@@ -127,19 +128,22 @@ def test_init_from_a_training_checkpoint(data_dir, tmp_path):
 
 TINY = ["debug=fdr", "logger=none", "trainer=cpu", "model=vilt_tiny", *SMALL_DATA, "data.batch_size=4",
         "data.image_size=64", "data.max_size=96"]
+# every embedder config as it is (conf/model/embedder/, as found), image ones on the scenes, clip ones on the clips
+FOUND = {o.name: o.cls.takes_clips for o in embedders()}
+IMAGE_CASES = {name: [f"model/embedder={name}"] for name, clips in FOUND.items() if not clips}
+CLIP_CASES = {name: [f"model/embedder={name}"] for name, clips in FOUND.items() if clips}
 
 
 @pytest.mark.parametrize(
     "embedder",
-    [["model/embedder=grid"], ["model/embedder=grid", "model.embedder.pool=true", "model.embedder.position=sine"],
-     ["model/embedder=region", "model.embedder.box_source=data"],
+    [*IMAGE_CASES.values(),
+     ["model/embedder=grid", "model.embedder.pool=true", "model.embedder.position=sine"],
      ["model/embedder=region", "model.embedder.box_source=detector"],
      ["model/embedder=grid", "model.packing.enabled=true", "model.packing.seq_len=128"],
      ["model/embedder=region", "model.embedder.box_source=data", "model.packing.enabled=true",
       "model.packing.seq_len=128", "model.packing.token_drop=0.25"],
      ["model.embedder.positions=factorised", "model.packing.enabled=true", "model.packing.seq_len=128"]],
-    ids=["grid", "grid_pool_sine", "region_data", "region_detector", "grid_packed", "region_packed",
-         "patch_factorised_packed"],
+    ids=[*IMAGE_CASES, "grid_pool_sine", "region_detector", "grid_packed", "region_packed", "patch_factorised_packed"],
 )
 def test_every_embedder_runs_end_to_end(embedder, data_dir, tmp_path, capsys):
     """`python -m vlm.train trainer=cpu model=vilt_tiny model/embedder=E debug=fdr`, at a small resolution."""
@@ -157,12 +161,12 @@ MIX_SIZES = [o.replace("data.generate.", f"data.generate.{part}.") for part in (
 
 @pytest.mark.parametrize(
     "overrides",
-    [["model/embedder=tubelet"], ["model/embedder=frames"], ["model/embedder=single_frame"],
+    [*CLIP_CASES.values(),
      ["model/embedder=tubelet", "task.collate.itm_foil_fraction=1.0"],
      ["model/embedder=tubelet", "model.packing.enabled=true", "model.packing.seq_len=128"],
      ["model/embedder=frames", "task=retrieval", "task.eval_images=8", "task.shortlist_k=4"],
      ["model/embedder=tubelet", "data=mix_video", "data.batch_size=8", *MIX_SIZES]],
-    ids=["tubelet", "frames", "single_frame", "tubelet_foils", "tubelet_packed", "frames_retrieval", "mix_images_clips"],
+    ids=[*CLIP_CASES, "tubelet_foils", "tubelet_packed", "frames_retrieval", "mix_images_clips"],
 )
 def test_video_runs_end_to_end(overrides, data_dir, tmp_path, capsys):
     """`python -m vlm.train data=synthetic_video model/embedder=E debug=fdr`; images and clips mixed (data=mix_video);

@@ -3,17 +3,19 @@
 SWEEP_DIR is a folder of runs at any depth (a Hydra multirun: each job writes ``results.json`` beside ``.hydra/``);
 ``--wandb ENTITY/PROJECT/GROUP`` reads the same from a W&B group instead. An arm (a row) pools the complete runs of
 one label and task that differ in nothing but the seed; runs whose configs differ in anything else are split into
-rows named by what differs. Each task is a column: its main metric as the mean and 95% t-interval over the arm's
-runs; for each pair of arms the mean paired difference over the seeds both ran, with its interval, ends in a
-verdict. ``--control`` names a positive control (none given: those the experiment config of a sweep folder's runs
-declares, ``controls:``); a study that fails it draws no ranking. Failed or unfinished runs are listed under their
-own heading and never averaged in.
+rows named by what differs. Each task is a column: its main metric (the headline its task class declares, ``METRICS``
+of `vlm.tasks.base.VLTaskModule`, read from the class the run's ``task._target_`` names) as the mean and 95%
+t-interval over the arm's runs; for each pair of arms the mean paired difference over the seeds both ran, with its
+interval, ends in a verdict. ``--control`` names a positive control (none given: those the experiment config of a
+sweep folder's runs declares, ``controls:``); a study that fails it draws no ranking. Failed or unfinished runs are
+listed under their own heading and never averaged in.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import warnings
@@ -29,29 +31,6 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIDENCE = 0.95
-MAIN = {  # task -> the metric its column, verdicts and plots show (--metric changes it)
-    "pretrain": "val/itm_acc",
-    "vqa": "val/vqa_score",
-    "nlvr2": "val/nlvr2_acc",
-    "retrieval": "val/ir_r1",
-    "detection": "val/map",
-}
-METRICS = [  # (key, title): the titles the table and plots give these metrics
-    ("val/vqa_score", "VQA score"),
-    ("val/nlvr2_acc", "NLVR2 acc"),
-    ("val/itm_acc", "ITM acc"),
-    ("val/mlm_acc", "MLM acc"),
-    ("test/itm_acc", "ITM acc (compositional)"),
-    ("val/tr_r1", "TR@1"),
-    ("val/tr_r5", "TR@5"),
-    ("val/ir_r1", "IR@1"),
-    ("val/ir_r5", "IR@5"),
-    ("val/tr_r10", "TR@10"),
-    ("val/ir_r10", "IR@10"),
-    ("val/wpa_pos", "WPA pos"),
-    ("val/wpa_neg", "WPA neg"),
-    ("val/map", "mAP"),
-]
 GFLOPS, MS_STEP = "cost/gflops_per_image", "train/ms_per_batch"
 # config keys that name, place or report a run without changing what it trains and measures; the seed-like ones
 # are what an arm's runs may differ in
@@ -75,6 +54,7 @@ class Run:
     summary: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     task: str = "?"
+    task_class: str | None = None  # the run's task._target_: its class declares the metrics (`declared_metrics`)
     config: dict[str, object] = field(default_factory=dict)  # flattened, only keys that change the experiment
     choices: dict[str, str] = field(default_factory=dict)  # Hydra's config-group choices
     arm: str = ""
@@ -101,17 +81,60 @@ def experiment_keys(config: dict) -> dict[str, object]:
             if not any(k == p or k.startswith(p + ".") for p in NOT_THE_EXPERIMENT)}
 
 
-def task_of(config: dict, choices: dict, metrics: dict) -> str:
-    """The run's ``task=`` choice; else the module of its task's class; else the task whose main metric it holds."""
+def task_target(config: dict) -> str | None:
+    """The class the run's task node names (``task._target_``)."""
+    task = config.get("task")
+    target = task.get("_target_") if isinstance(task, dict) else None
+    return target if isinstance(target, str) else None
+
+
+@functools.cache
+def declared_metrics(target: str | None) -> dict[str, str]:
+    """The metrics the task class ``target`` declares (``METRICS``: key -> title, its headline first); none where it
+    names no class this installation can import (`unknown_tasks` says which)."""
+    from hydra.utils import get_class
+
+    if not target:
+        return {}
+    try:
+        metrics = getattr(get_class(target), "METRICS", None)
+    except Exception:
+        return {}
+    return dict(metrics) if isinstance(metrics, dict) else {}
+
+
+@functools.cache
+def configured_tasks() -> dict[str, str]:
+    """Each task config of conf/task/ -> the class it names (for runs that record neither their choice nor their
+    class)."""
+    from vlm.cli import options
+
+    return {o.name: f"{o.cls.__module__}.{o.cls.__qualname__}" for o in options("task") if o.cls is not None}
+
+
+def task_of(config: dict, choices: dict, metrics: dict) -> tuple[str, str | None]:
+    """(the run's task, its class): the ``task=`` choice, else the module its task class is in; else the
+    configured task whose headline it holds (of several, the one more of whose metrics it holds)."""
+    target = task_target(config)
     if choices.get("task"):
-        return choices["task"]
-    target = (config.get("task") or {}).get("_target_", "") if isinstance(config.get("task"), dict) else ""
-    if target.startswith("vlm.tasks."):
-        return target.split(".")[2]
-    return next((t for t in ("vqa", "nlvr2", "retrieval", "detection", "pretrain") if MAIN[t] in metrics), "?")
+        return choices["task"], target or configured_tasks().get(choices["task"])
+    if target:
+        return (target.rsplit(".", 2)[-2] if "." in target else target), target
+    held = [(sum(k in metrics for k in declared_metrics(t)), name, t) for name, t in configured_tasks().items()
+            if next(iter(declared_metrics(t)), None) in metrics]
+    if not held:
+        return "?", None
+    _, name, target = max(held)
+    return name, target
 
 
-def _load_yaml(path: Path) -> dict:
+def unknown_tasks(runs: list[Run]) -> list[str]:
+    """The task classes runs name that declare no metrics here (not importable, or no ``METRICS``)."""
+    return sorted({r.task_class for r in runs if r.task_class and not declared_metrics(r.task_class)})
+
+
+def load_yaml(path: Path) -> dict:
+    """A yaml file as a dict; {} where there is none."""
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
@@ -124,7 +147,7 @@ def read_sweep(sweep_dir: str | Path) -> list[Run]:
     runs = []
     for job in sorted(jobs, key=str):
         name = job.relative_to(root).as_posix()
-        config, hydra = _load_yaml(job / ".hydra" / "config.yaml"), _load_yaml(job / ".hydra" / "hydra.yaml")
+        config, hydra = load_yaml(job / ".hydra" / "config.yaml"), load_yaml(job / ".hydra" / "hydra.yaml")
         choices = hydra.get("hydra", {}).get("runtime", {}).get("choices", {}) or {}
         choices = {k: v for k, v in choices.items() if isinstance(v, str) and not k.startswith("hydra")}
         label = config.get("label")
@@ -137,7 +160,8 @@ def read_sweep(sweep_dir: str | Path) -> list[Run]:
             keys[LR] = rate["lr"]
         results_path = job / "results.json"
         if not results_path.exists():
-            runs.append(Run(name, label, config.get("seed"), "incomplete", task=task_of(config, choices, {}),
+            task, target = task_of(config, choices, {})
+            runs.append(Run(name, label, config.get("seed"), "incomplete", task=task, task_class=target,
                             config=keys, choices=choices, **rate))
             continue
         try:
@@ -148,9 +172,9 @@ def read_sweep(sweep_dir: str | Path) -> list[Run]:
             runs.append(Run(name, label, config.get("seed"), "unreadable", config=keys, choices=choices, **rate))
             continue
         metrics = res.get("metrics", {})
+        task, target = task_of(config, choices, metrics)
         runs.append(Run(name, res.get("label") or label, res.get("seed", config.get("seed")), res["status"],
-                        metrics, res.get("summary", {}), res.get("history", []), task_of(config, choices, metrics),
-                        keys, choices, **rate))
+                        metrics, res.get("summary", {}), res.get("history", []), task, target, keys, choices, **rate))
     return runs
 
 
@@ -163,15 +187,16 @@ def read_wandb(path: str) -> list[Run]:
     for r in wandb.Api().runs(entity_project, filters={"group": group}):
         summary = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
         status = "complete" if r.state == "finished" else ("incomplete" if r.state == "running" else "failed")
-        keys = [k for k, _ in METRICS if k.startswith("val/") and k in summary]
+        metrics = {k: v for k, v in summary.items() if "/" in k}
+        task, target = task_of(r.config, {}, metrics)
+        keys = [k for k in declared_metrics(target) if k.startswith("val/") and k in summary]
         history = [
             {"elapsed_s": row["_runtime"], "step": row.get("_step"),
              **{k: row[k] for k in keys if row.get(k) is not None}}
             for row in r.scan_history(keys=["_runtime", *keys[:1]])
         ]
-        metrics = {k: v for k, v in summary.items() if "/" in k}
         runs.append(Run(r.id, r.config.get("label") or r.name, r.config.get("seed"), status, metrics, summary, history,
-                        task_of(r.config, {}, metrics), experiment_keys(r.config),
+                        task, target, experiment_keys(r.config),
                         lr=learning_rate(r.config, r.config.get("label") or r.name), tuned=r.config.get("tuned")))
     return runs
 
@@ -400,7 +425,7 @@ def declared_controls(sweep_dir: str | Path) -> list[Control]:
     ``.hydra/config.yaml`` recorded it), each once, in the order first met."""
     found: dict[str, Control] = {}
     for path in sorted(Path(sweep_dir).glob("**/.hydra/config.yaml"), key=str):
-        declared = _load_yaml(path).get("controls") or []
+        declared = load_yaml(path).get("controls") or []
         if not isinstance(declared, list) or not all(isinstance(c, str) for c in declared):
             raise ValueError(f"{path}: controls must be a list of 'ARM[,ARM...] METRIC contains|above|below X'")
         for text in declared:
@@ -438,18 +463,32 @@ def shown(path: str) -> str:
     return p.name
 
 
-def title_of(key: str) -> str:
-    return dict(METRICS).get(key, key)
+def task_metrics(runs: list[Run], task: str | None = None) -> dict[str, str]:
+    """The metrics (key -> title) the task classes of the runs (of ``task``) declare, each class's headline first."""
+    out: dict[str, str] = {}
+    for r in runs:
+        if task is None or r.task == task:
+            for key, title in declared_metrics(r.task_class).items():
+                out.setdefault(key, title)
+    return out
+
+
+def title_of(key: str, titles: dict[str, str]) -> str:
+    return titles.get(key, key)
+
+
+def titles_of(arms: dict[str, dict[str, list[Run]]]) -> dict[str, str]:
+    return task_metrics([r for by_task in arms.values() for rs in by_task.values() for r in rs])
 
 
 def main_metrics(runs: list[Run], chosen: list[str]) -> dict[str, str]:
-    """task -> its main metric: MAIN's, a --metric the task's runs hold, or the first METRICS key they hold."""
+    """task -> its main metric: a --metric the task's runs hold, else the first metric its class declares that they
+    hold (its headline, where they hold it)."""
     out = {}
     for task in sorted({r.task for r in runs if r.status == "complete"}):
         held = {k for r in runs if r.task == task and r.status == "complete" for k in r.metrics}
-        pick = [k for k in chosen if k in held]
-        out[task] = pick[0] if pick else MAIN.get(task) if MAIN.get(task) in held else next(
-            (k for k, _ in METRICS if k in held), None)
+        pick = [k for k in chosen if k in held] + [k for k in task_metrics(runs, task) if k in held]
+        out[task] = pick[0] if pick else None
     return {t: m for t, m in out.items() if m}
 
 
@@ -469,7 +508,8 @@ def headline(arms: dict[str, dict[str, list[Run]]], mains: dict[str, str]) -> li
     tasks = [t for t in ordered_tasks(arms) if t in mains]
     first = tasks[0] if tasks else None
     step = f"ms / step ({first})" if len(tasks) > 1 else "ms / step"
-    head = ["arm"] + [f"{t}: {title_of(mains[t])}" for t in tasks] + ["GFLOPs / image", step, "lr"]
+    titles = titles_of(arms)
+    head = ["arm"] + [f"{t}: {title_of(mains[t], titles)}" for t in tasks] + ["GFLOPs / image", step, "lr"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, by_task in arms.items():
         every = [r for rs in by_task.values() for r in rs]
@@ -578,6 +618,7 @@ def plot(arms: dict[str, dict[str, list[Run]]], mains: dict[str, str], out: Path
     import matplotlib.ticker
 
     tasks = [t for t in ordered_tasks(arms) if t in mains]
+    titles = titles_of(arms)
     colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
     written, notes = [], []
     axes_x = [("time", "wall-clock minutes of training", lambda h: h.get("budget/seconds", h.get("elapsed_s")), 1 / 60),
@@ -608,7 +649,7 @@ def plot(arms: dict[str, dict[str, list[Run]]], mains: dict[str, str], out: Path
                 ax.text(0.5, 0.5, f"no validation history holds {key}", ha="center", transform=ax.transAxes)
             ax.set_title(f"{task}: {key}")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"{title_of(key)} (mean, band: min-max over seeds)")
+            ax.set_ylabel(f"{title_of(key, titles)} (mean, band: min-max over seeds)")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
@@ -647,7 +688,7 @@ def plot(arms: dict[str, dict[str, list[Run]]], mains: dict[str, str], out: Path
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(cost_title + (f" ({task})" if cost == MS_STEP else ""))
-            ax.set_ylabel(f"{title_of(key)} (mean, 95% CI)")
+            ax.set_ylabel(f"{title_of(key, titles)} (mean, 95% CI)")
             ax.set_title(f"{task}: final {key} against cost" + ("" if rank else " (control failed: unranked)"))
             ax.grid(alpha=0.3)
             if points:
@@ -681,6 +722,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = read_wandb(a.wandb) if a.wandb else read_sweep(a.sweep)
     if not runs:
         p.error(f"no runs found in {a.sweep or a.wandb}")
+    for target in unknown_tasks(runs):
+        print(f"{target}: no metrics declared here (a task class this installation cannot import, or one without "
+              "METRICS): its runs show the metric --metric names")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     arms, splits = split_arms(runs)

@@ -22,6 +22,7 @@ from pathlib import Path
 from vlm.data.tokenizer import load_tokenizer
 from vlm.models import weights
 from vlm.models.weights.files import PickledFile, state_dict_of
+from vlm.models.weights.hf import hf_heads
 from vlm.models.weights.original import original_checkpoint
 from vlm.models.weights.vit import vit_checkpoint
 
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--from", dest="from_any", metavar="CKPT", help="any of the above, recognised by its keys")
     p.add_argument("--out", metavar="CKPT", help="write our checkpoint here")
     p.add_argument("--to-hf", metavar="DIR", help="write a transformers ViLT directory here")
-    p.add_argument("--head", help="the head --to-hf exports (mlm_score, vqa_classifier, nlvr2_classifier, "
-                                  "rank_output; none: ViltModel); default: the only one transformers can hold")
+    held = ", ".join(cls.name for cls in hf_heads().values())
+    p.add_argument("--head", help=f"the head --to-hf exports ({held}; none: ViltModel); default: the only one "
+                                  "transformers can hold")
     p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer --to-hf writes (a directory, or a locally cached "
                                                       "name); default: the one the checkpoint keeps")
     p.add_argument("--num-heads", type=int, help="attention heads, for files that do not record them")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.to_hf:
             head = args.head
             if head is None and "mlm_score" in ckpt["heads"] and not weights.mlm_tied(ckpt):
-                others = [h for h in ckpt["heads"] if h not in ("mlm_score", "itm_score")]
+                others = [h for h in weights.hf_exportable(ckpt) if h != "mlm_score"]
                 head = others[0] if len(others) == 1 else "none" if not others else None
                 print("left out mlm_score: transformers' ViltForMaskedLM ties its decoder to the word embeddings, "
                       "and this one's are not (--head mlm_score to try anyway)")

@@ -46,7 +46,7 @@ def extract(embedder: RegionEmbedder, loader, dtype: torch.dtype):
     for batch in loader:
         batch = batch.normalized()  # the loader's uint8 images, as the embedder takes them
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            boxes, feats, mask = embedder.regions(batch.images, batch.pixel_mask, batch.boxes, max_tokens=-1)
+            boxes, feats, mask = embedder.regions(batch.visual_input(), max_tokens=-1)
         heights, widths = (t.tolist() for t in real_extent(batch.pixel_mask))
         for i, key in enumerate(batch.keys):
             keep = mask[i]

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.errors import ConfigError
 from vlm.models.weights import PickledFile, load_file
+from vlm.tasks.base import HANDLED
 
 # a resume restores the whole training state, which only a file torch loads safely gives; the weights can start anew
 RESUME_ADVICE = ("a run resumes only from a checkpoint torch loads safely; if you trust it, start anew from its weights: "
@@ -46,14 +47,26 @@ def read_training_checkpoint(path: str, advice: str = RESUME_ADVICE, other: str 
     raise ConfigError(f"ckpt_path={path}: not a training checkpoint ({other})")
 
 
-# model keys that do not change what the weights are: they may differ on a resume
-_FREE = {"init_from", "compile", "freeze", "lr_mult", "max_tokens", "vocab_size", "dropout"}
+def free_on_resume(target) -> frozenset[str]:
+    """The arguments of the class a node's ``_target_`` names that do not change what its weights are, so a resume
+    may change them: what the class declares (``free_on_resume``, as `vlm.models.vilt.ViLT` and
+    `vlm.models.embedders.base.VisualEmbedder` do); none for a target that declares none or is not importable."""
+    from hydra.utils import get_class
+
+    try:
+        return frozenset(getattr(get_class(target), "free_on_resume", ()))
+    except Exception:
+        return frozenset()
 
 
-def _flat(node, prefix: str = "") -> dict:
+def fixed(node, prefix: str = "", free: frozenset[str] = frozenset()) -> dict:
+    """The flattened entries of a config node that fix what its weights are: all but the arguments each
+    ``_target_``'s class declares free (`free_on_resume`) and the keys ``free`` names."""
     if not isinstance(node, dict):
         return {prefix: node}
-    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+    free = free | free_on_resume(node["_target_"]) if "_target_" in node else free
+    return {k: v for key, value in node.items() if key not in free
+            for k, v in fixed(value, f"{prefix}.{key}" if prefix else key).items()}
 
 
 def _another_run(cfg: DictConfig, ckpt: dict) -> list[str]:
@@ -63,9 +76,10 @@ def _another_run(cfg: DictConfig, ckpt: dict) -> list[str]:
     task = (cfg.get("task") or {}).get("_target_")
     if hp.get("task") and task and hp["task"] != task:
         diff.append(f"task: {hp['task'].rpartition('.')[2]} there, {task.rpartition('.')[2]} here")
-    here = _flat(OmegaConf.to_container(cfg.model, resolve=True))
-    for key, value in _flat(hp.get("model") or {}).items():
-        if key.rpartition(".")[2] in _FREE or key not in here or here[key] == value:
+    handled = frozenset(k.removeprefix("model.") for k in HANDLED if k.startswith("model."))  # read by build_task
+    here = fixed(OmegaConf.to_container(cfg.model, resolve=True), free=handled)
+    for key, value in fixed(hp.get("model") or {}, free=handled).items():
+        if key not in here or here[key] == value:
             continue
         diff.append(f"model.{key}: {value} there, {here[key]} here")
     return diff

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import yaml
 
-from vlm.compare import LR, Run, _load_yaml, differing_keys, read_sweep, shown
+from vlm.compare import LR, Run, differing_keys, load_yaml, read_sweep, shown
 
 
 def sweep_metric(root: Path, runs: list[Run], metric: str | None) -> str:
     """``metric``, else the ``optimized_metric`` every complete run was started with."""
     if metric:
         return metric
-    named = {_load_yaml(root / r.name / ".hydra" / "config.yaml").get("optimized_metric") for r in runs}
+    named = {load_yaml(root / r.name / ".hydra" / "config.yaml").get("optimized_metric") for r in runs}
     named.discard(None)
     if len(named) != 1:
         raise ValueError("the runs name " + (f"several optimized_metric ({', '.join(sorted(named))})" if named else

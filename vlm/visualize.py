@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from vlm.common import VisualInput
 from vlm.config import check
 from vlm.errors import ConfigError, reported
 from vlm.models.objectives import wpa_distance, wpa_masks
@@ -86,13 +87,12 @@ def align(task, tokenizer, data_cfg: DictConfig, image, text: str) -> dict:
             raise ConfigError(f"image={image}: cannot read it ({type(e).__name__})") from None
     transform = build_transform(data_cfg.image_size, data_cfg.get("max_size"), data_cfg.size_divisor)
     image = transform(pil)[None]
-    pixel_mask = torch.ones(1, *image.shape[2:], dtype=torch.bool)
     enc = tokenizer(text, truncation=True, max_length=model.text_embeddings.position_embeddings.num_embeddings,
                     return_tensors="pt")
     max_tokens = model.embedder.max_tokens
     model.embedder.max_tokens = -1  # every token, so the picture covers the whole image
     try:
-        visual = model.embedder(image, pixel_mask)
+        visual = model.embedder(VisualInput(image))  # one whole image: every pixel real
     finally:
         model.embedder.max_tokens = max_tokens
     if visual.boxes is None:

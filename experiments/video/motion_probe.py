@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from vlm.common import VisualInput
 from vlm.data.sources import WebDataset
 from vlm.data.stream import ShardStream
 from vlm.data.tokenizer import load_tokenizer
@@ -55,7 +56,7 @@ def probe(task: PretrainLitModule, examples, tokenizer) -> dict:
         ids[0, where] = tokenizer.mask_token_id
         image = sample.image[None]
         mask = torch.ones(image.shape[0], *image.shape[1:2], *image.shape[-2:], dtype=torch.bool)
-        out = task.model(ids, torch.ones_like(ids), images=image, pixel_mask=mask)
+        out = task.model(ids, torch.ones_like(ids), VisualInput(image, mask))
         logp = task.mlm_score(out.text_states[0, where]).log_softmax(-1)
         true = sum(logp[k, a[i]] for k, i in enumerate(where))
         false = sum(logp[k, b[i]] for k, i in enumerate(where))

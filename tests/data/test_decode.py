@@ -178,3 +178,31 @@ def test_full_decoding_agrees_with_pil():
     """Without a reduction the fast path decodes the same pixels PIL does (both libjpeg-turbo)."""
     data = noise_jpeg(120, 80, quality=90)
     assert np.abs(pixels(data, decode_tensor).astype(int) - pixels(data, decode_image).astype(int)).mean() < 0.5
+
+
+def test_a_source_declares_its_own_skip_reasons():
+    """A reason no source declares stops the stream; one a source declares is counted like the shared ones, and
+    listed after them in the order every rank reduces."""
+    import gc
+
+    from vlm.data.decode import reasons
+    from vlm.data.sources import Source
+
+    with pytest.raises(ValueError, match="unknown skip reason 'odd_record'"):
+        BadSample("odd_record")
+
+    class OddRecords(Source):
+        skip_reasons = ("odd_record",)
+
+        def shards(self, files, split):
+            return []
+
+        def read(self, shard):
+            yield {"key": "a", "bad": "odd_record"}
+
+    assert BadSample("odd_record").reason == "odd_record"
+    assert reasons()[: len(REASONS)] == REASONS
+    assert {"odd_record", "failed_download", "missing_answers"} <= set(reasons())
+    assert list(reasons()[len(REASONS):]) == sorted(reasons()[len(REASONS):])
+    del OddRecords
+    gc.collect()  # the class goes with the test: no other test counts its reason

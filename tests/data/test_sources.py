@@ -27,16 +27,24 @@ def tokenizer(synthetic):
 
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory):
-    """format -> (source, train files) for the same 20 scenes."""
+    """format -> (source, files by split) for the same 20 scenes in every format `vlm.data.export` writes, each read
+    by the source its conf/data config builds (COCO Karpathy a sample per image, as every other layout)."""
+    from hydra.utils import instantiate
+
+    from vlm.cli import compose_train
+
     root = tmp_path_factory.mktemp("formats")
-    cache = str(root / "hf-cache")
-    sources = {
-        "webdataset": WebDataset(),
-        "parquet": Parquet(key_column="key"),
-        "coco_karpathy": CocoKarpathy(per="image", rows_per_shard=8, cache_dir=cache),
-        "imagefolder": ImageFolder(rows_per_shard=8, cache_dir=cache),
-    }
-    return {f: (s, export.export(f, root / f, N_TRAIN, N_VAL, shards=2)) for f, s in sources.items()}
+    out = {}
+    for f, cls in export.formats().items():
+        written = cls.write_examples(root / f, {"train": N_TRAIN, "val": N_VAL}, shards=2)
+        node = compose_train([f"data={f}"]).data.source
+        out[f] = (instantiate(node, **written.source, **({"per": "image"} if f == "coco_karpathy" else {})),
+                  written.files)
+    return out
+
+
+def test_each_format_the_tests_name_is_found():
+    assert {"webdataset", "parquet", "coco_karpathy", "imagefolder"} <= set(export.formats())
 
 
 def stream_all(tokenizer, source, shards, split="train"):
@@ -44,7 +52,7 @@ def stream_all(tokenizer, source, shards, split="train"):
     return list(StreamLoader(s, None, num_workers=0))
 
 
-@pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.parametrize("fmt", export.formats())
 def test_each_format_streams_through_the_same_collate(fmt, formats, tokenizer):
     source, files = formats[fmt]
     shards = source.shards(files["train"], "train")

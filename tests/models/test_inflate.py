@@ -9,6 +9,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from tests.conftest import SMALL_DATA, compose_config
+from vlm.common import VisualInput
 from vlm.models.embedders.grid import GridEmbedder
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.embedders.positions import row_column_fit
@@ -61,8 +62,8 @@ def test_frames_from_a_patch_checkpoint_gives_every_frame_the_images_tokens(posi
     frame = torch.randn(3, 16, 24)
     clip, mask = static(frame, 3)
     with torch.no_grad():
-        out = video.embedder(clip, mask)
-        ref = image.embedder(frame[None], mask[:, 0])
+        out = video.embedder(VisualInput(clip, mask))
+        ref = image.embedder(VisualInput(frame[None], mask[:, 0]))
     n = ref.embeds.shape[1]
     assert out.embeds.shape[1] == n * (3 if keep == "all" else 1)
     for t in range(out.embeds.shape[1] // n):  # frame t: the image's tokens under the patch model, plus time t
@@ -95,8 +96,8 @@ def test_tubelet_from_a_patch_checkpoint_gives_a_static_clip_the_images_content(
         ours = video.embedder.proj(clip.transpose(1, 2))  # [1, D, 2, 2, 3]
         for s in range(2):
             torch.testing.assert_close(ours[:, :, s], theirs, **TOL)
-        out = video.embedder(clip, mask)
-        ref = image.embedder(frame[None], mask[:, 0])
+        out = video.embedder(VisualInput(clip, mask))
+        ref = image.embedder(VisualInput(frame[None], mask[:, 0]))
     content = (out.embeds - out.pos).view(2, -1, D)  # per tubelet in time: the tokens' content, positions taken out
     for s in range(2):
         torch.testing.assert_close(content[s], (ref.embeds - ref.pos)[0], **TOL)
@@ -132,8 +133,8 @@ def test_a_tubelet_from_an_additive_table_has_the_patch_positions_at_the_tables_
     started(video, image, tmp_path, caplog)
     frame = torch.randn(3, 32, 32)
     with torch.no_grad():
-        out = video.embedder(*static(frame, 2))
-        ref = image.embedder(frame[None], torch.ones(1, 32, 32, dtype=torch.bool))
+        out = video.embedder(VisualInput(*static(frame, 2)))
+        ref = image.embedder(VisualInput(frame[None], torch.ones(1, 32, 32, dtype=torch.bool)))
     torch.testing.assert_close(out.pos[0] - video.embedder.time_embed[0], ref.pos[0], rtol=0, atol=1e-6)
     for name in ("rows", "cols"):
         assert torch.equal(getattr(video.embedder.rows_cols, name).weight[4:], fresh[f"{name}.weight"][4:])

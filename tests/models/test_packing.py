@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vlm.common import VisualInput
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.packing import Packing, PackedLayout, assign_rows, drop_tokens, fit_to
 from vlm.models.vilt import ViLT
@@ -55,13 +56,13 @@ def test_rows_hold_every_example_once_within_their_limits():
 def test_an_example_packed_with_others_equals_the_example_alone(positions):
     ids, attn, images, pixel_mask = batch()
     packed = model(positions, enabled=True, seq_len=64, max_per_seq=8)
-    out = packed(ids, attn, images, pixel_mask)
+    out = packed(ids, attn, VisualInput(images, pixel_mask))
     assert packed.stats["slots"] < len(ids) * out.last_hidden_state.shape[1]  # fewer slots than the padded layout
     for i in range(len(ids)):
         t, h, w = int(attn[i].sum()), int(pixel_mask[i].any(1).sum()), int(pixel_mask[i].any(0).sum())
-        alone = packed(ids[i : i + 1, :t], attn[i : i + 1, :t], images[i : i + 1, :, :h, :w], pixel_mask[i : i + 1, :h, :w])
+        alone = packed(ids[i : i + 1, :t], attn[i : i + 1, :t], VisualInput(images[i : i + 1, :, :h, :w], pixel_mask[i : i + 1, :h, :w]))
         close(real(out, i), real(alone, 0))
-    padded = model(positions)(ids, attn, images, pixel_mask)  # the same weights, unpacked
+    padded = model(positions)(ids, attn, VisualInput(images, pixel_mask))  # the same weights, unpacked
     for i in range(len(ids)):
         close(real(out, i), real(padded, i))
     logits = torch.nn.Linear(32, 2).double()
@@ -71,11 +72,11 @@ def test_an_example_packed_with_others_equals_the_example_alone(positions):
 def test_changing_another_example_of_the_row_changes_nothing():
     ids, attn, images, pixel_mask = batch()
     packed = model(enabled=True, seq_len=256, max_per_seq=8)  # one row holds them all
-    before = packed(ids, attn, images, pixel_mask)
+    before = packed(ids, attn, VisualInput(images, pixel_mask))
     images2, ids2 = images.clone(), ids.clone()
     images2[2] = torch.randn_like(images2[2])
     ids2[2, :3] = torch.tensor([7, 8, 9])
-    after = packed(ids2, attn, images2, pixel_mask)
+    after = packed(ids2, attn, VisualInput(images2, pixel_mask))
     for i in (0, 1, 3, 4):
         for x, y in zip(real(before, i), real(after, i)):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
@@ -99,8 +100,8 @@ def test_no_attention_weight_crosses_examples():
 
 def test_one_example_per_row_equals_the_padded_path():
     ids, attn, images, pixel_mask = batch()
-    one = model(enabled=True, seq_len=256, max_per_seq=1)(ids, attn, images, pixel_mask)
-    padded = model()(ids, attn, images, pixel_mask)
+    one = model(enabled=True, seq_len=256, max_per_seq=1)(ids, attn, VisualInput(images, pixel_mask))
+    padded = model()(ids, attn, VisualInput(images, pixel_mask))
     for i in range(len(ids)):
         close(real(one, i), real(padded, i))
 
@@ -126,7 +127,7 @@ def test_flex_attention_with_a_block_mask_equals_the_dense_mask():
 def test_an_example_longer_than_a_row_keeps_its_text_and_drops_visual_tokens_evenly():
     ids, attn, images, pixel_mask = batch(sizes=((40, 64), (8, 8)), text=(12, 4))
     packed = model(enabled=True, seq_len=24, max_per_seq=4)
-    out = packed(ids, attn, images, pixel_mask)
+    out = packed(ids, attn, VisualInput(images, pixel_mask))
     assert out.image_mask[0].sum() == 24 - 12 and out.text_mask[0].sum() == 12  # CLS + 11 of its 40 patches
     assert packed.stats["truncated"] == 40 - 11
     kept = out.image_mask[0, 1:].nonzero().squeeze(1)
@@ -178,8 +179,8 @@ def test_evaluation_with_flex_on_a_cpu_takes_the_dense_mask_unless_compiled(monk
     ids, attn, images, pixel_mask = batch()
     flex = model(enabled=True, seq_len=64, max_per_seq=8, attention="flex")
     with torch.no_grad():
-        out = flex(ids, attn, images, pixel_mask)
-    dense = model(enabled=True, seq_len=64, max_per_seq=8)(ids, attn, images, pixel_mask)
+        out = flex(ids, attn, VisualInput(images, pixel_mask))
+    dense = model(enabled=True, seq_len=64, max_per_seq=8)(ids, attn, VisualInput(images, pixel_mask))
     for i in range(len(ids)):
         close(real(out, i), real(dense, i))
 

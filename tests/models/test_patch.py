@@ -1,6 +1,7 @@
 import torch
 import torch.nn.functional as F
 
+from vlm.common import VisualInput
 from vlm.models.embedders.base import select_tokens
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.embedders.positions import resize_grid_table
@@ -50,7 +51,7 @@ def test_patch_tokens_cover_only_real_pixels():
     pixel_mask[0] = True
     pixel_mask[1, :24, :48] = True
     pixel_mask[2, :40, :16] = True
-    out = emb(images, pixel_mask)
+    out = emb(VisualInput(images, pixel_mask))
     assert out.embeds.shape == (3, 30, 16) and out.mask.sum(1).tolist() == [30, 18, 10]
     for i in range(3):  # each real token's box lies inside the image's real pixels
         for box in out.boxes[i][out.mask[i]].long().tolist():
@@ -59,13 +60,13 @@ def test_patch_tokens_cover_only_real_pixels():
     # padding pixels never reach a real token
     images2 = images.clone()
     images2[~pixel_mask[:, None].expand_as(images2)] = 100.0
-    out2 = emb(images2, pixel_mask)
+    out2 = emb(VisualInput(images2, pixel_mask))
     torch.testing.assert_close(out.embeds[out.mask], out2.embeds[out2.mask])
 
 
 def test_patch_sampling_respects_budget():
     emb = PatchEmbedder(hidden_size=16, patch_size=8, image_size=32, max_tokens=7)
-    out = emb(torch.randn(2, 3, 32, 40), torch.ones(2, 32, 40, dtype=torch.bool))
+    out = emb(VisualInput(torch.randn(2, 3, 32, 40), torch.ones(2, 32, 40, dtype=torch.bool)))
     assert out.embeds.shape == (2, 7, 16) and out.mask.all()
 
 
@@ -76,7 +77,7 @@ def test_patch_tokens_carry_their_position_term_and_float_boxes():
     images = torch.randn(2, 3, 24, 40)
     pixel_mask = torch.ones(2, 24, 40, dtype=torch.bool)
     pixel_mask[1, 16:] = False
-    out = emb(images, pixel_mask)
+    out = emb(VisualInput(images, pixel_mask))
     proj = emb.proj(images).flatten(2).transpose(1, 2)  # [B, 15, D], raster order
     x1, y1 = out.boxes[..., 0].long() // 8, out.boxes[..., 1].long() // 8
     index = y1 * 5 + x1
@@ -84,6 +85,6 @@ def test_patch_tokens_carry_their_position_term_and_float_boxes():
     torch.testing.assert_close(out.embeds - out.pos, content, atol=1e-5, rtol=1e-5)
     assert out.boxes.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert emb(images, pixel_mask).boxes.dtype == torch.float32
+        assert emb(VisualInput(images, pixel_mask)).boxes.dtype == torch.float32
     picked = out.select(torch.tensor([1, 1]))
     assert torch.equal(picked.pos[0], out.pos[1]) and torch.equal(picked.boxes[1], out.boxes[1])

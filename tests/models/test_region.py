@@ -3,6 +3,7 @@ import torch
 from torchvision.ops import roi_align
 
 from tests.models.test_base import SMALL_DETECTOR
+from vlm.common import VisualInput
 from vlm.models.embedders.region import RegionEmbedder
 
 
@@ -24,10 +25,10 @@ def test_a_region_token_changes_with_the_pixels_inside_its_box():
     emb = RegionEmbedder(hidden_size=16, box_source="data", feature_stride=16, max_tokens=-1).eval()
     images, mask = images_and_mask(1, 128, 192)
     boxes = [torch.tensor([[16.0, 16.0, 64.0, 64.0], [128.0, 64.0, 176.0, 112.0]])]
-    out = emb(images, mask, boxes)
+    out = emb(VisualInput(images, mask, boxes))
     changed = images.clone()
     changed[:, :, 24:56, 24:56] += 3.0  # inside the first box only
-    out2 = emb(changed, mask, boxes)
+    out2 = emb(VisualInput(changed, mask, boxes))
     assert out.boxes[0, 0].tolist() == [16.0, 16.0, 64.0, 64.0]  # token 0 is the first box
     first = (out2.embeds[0, 0] - out.embeds[0, 0]).abs().max()
     second = (out2.embeds[0, 1] - out.embeds[0, 1]).abs().max()
@@ -38,7 +39,7 @@ def test_an_image_without_boxes_gets_the_whole_image_box():
     emb = RegionEmbedder(hidden_size=16, box_source="data").eval()
     images, mask = images_and_mask()
     mask[1, :, 64:] = False
-    out = emb(images, mask, [torch.zeros(0, 4), torch.zeros(0, 4)])
+    out = emb(VisualInput(images, mask, [torch.zeros(0, 4), torch.zeros(0, 4)]))
     assert out.mask.tolist() == [[True], [True]]
     assert out.boxes[:, 0].tolist() == [[0, 0, 128, 96], [0, 0, 64, 96]]
 
@@ -47,7 +48,7 @@ def test_data_boxes_are_sampled_down_to_max_tokens():
     emb = RegionEmbedder(hidden_size=16, box_source="data", max_tokens=3).eval()
     images, mask = images_and_mask(1)
     boxes = [torch.tensor([[float(i), 0.0, i + 20.0, 20.0] for i in range(10)])]
-    out = emb(images, mask, boxes)
+    out = emb(VisualInput(images, mask, boxes))
     x1 = out.boxes[0, :, 0].tolist()
     assert len(x1) == 3 and x1 == sorted(x1) and len(set(x1)) == 3  # distinct boxes, in their data order
 
@@ -59,7 +60,7 @@ def test_detector_boxes_are_its_top_scoring_and_detector_never_trains():
     assert not any(p.requires_grad for p in emb.detector.parameters())
     images, mask = images_and_mask()
     raw = emb.detector([images[0] * 0.5 + 0.5])[0]
-    out = emb(images, mask)
+    out = emb(VisualInput(images, mask))
     n = min(5, len(raw["boxes"])) or 1
     assert out.mask[0].sum() == n
     if len(raw["boxes"]):
@@ -72,16 +73,17 @@ def test_precomputed_features_go_through_the_projection():
     images, mask = images_and_mask()
     boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 50.0, 40.0]]), torch.tensor([[1.0, 2.0, 3.0, 4.0]])]
     feats = [torch.randn(2, 8), torch.randn(1, 8)]
-    out = emb(images, mask, boxes, feats)
+    out = emb(VisualInput(images, mask, boxes, feats))
     assert out.mask.tolist() == [[True, True], [True, False]]
     ref = emb.feat_norm(emb.feat_proj(feats[1][0]))
     geo = torch.tensor([1 / 128, 2 / 96, 3 / 128, 4 / 96, 2 / 128, 2 / 96, (2 / 128) * (2 / 96)])
     ref = ref + emb.pos_norm(emb.pos_proj(geo))
     torch.testing.assert_close(out.embeds[1, 0], ref)
-    with pytest.raises(ValueError, match="data.region_features"):
-        emb(images, mask, boxes)
+    with pytest.raises(ValueError, match=r"^model.embedder: RegionEmbedder \(box_source=precomputed\) reads box_features, "
+                       r"which this batch does not carry: .*data.region_features=FILE"):
+        emb(VisualInput(images, mask, boxes))
     with pytest.raises(ValueError, match="feature_dim"):
-        emb(images, mask, boxes, [torch.randn(2, 4), torch.randn(1, 4)])
+        emb(VisualInput(images, mask, boxes, [torch.randn(2, 4), torch.randn(1, 4)]))
 
 
 def test_precomputed_width_defaults_to_the_trunks():
@@ -92,5 +94,6 @@ def test_bad_box_source_and_missing_boxes():
     with pytest.raises(ValueError, match="box_source"):
         RegionEmbedder(hidden_size=16, box_source="oracle")
     emb = RegionEmbedder(hidden_size=16, box_source="data")
-    with pytest.raises(ValueError, match="needs boxes"):
-        emb(*images_and_mask())
+    with pytest.raises(ValueError, match=r"^model.embedder: RegionEmbedder \(box_source=data\) reads boxes, which this "
+                       r"batch does not carry: give the samples boxes"):
+        emb(VisualInput(*images_and_mask()))

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlm.common import VisualInput
 from vlm.data.collate import pad_images
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.embedders.video import FramesEmbedder, TubeletEmbedder
@@ -22,7 +23,7 @@ def test_tubelet_tokens_and_positions_for_clips_of_different_lengths_and_sizes()
     torch.manual_seed(0)
     emb = TubeletEmbedder(D, patch_size=P, tubelet_frames=2).eval()
     images, mask = batch()
-    out = emb(images, mask)
+    out = emb(VisualInput(images, mask))
     # tubelets: ceil(T / 2) in time x rows x columns of each clip's own size
     assert out.mask.sum(1).tolist() == [3 * 2 * 3, 1 * 3 * 2, 1 * 2 * 2]
     for i, (steps, rows, cols) in enumerate([(3, 2, 3), (1, 3, 2), (1, 2, 2)]):
@@ -52,19 +53,19 @@ def test_no_token_reads_a_padding_frame_or_padding_pixels(make):
     emb = make().eval()
     images, mask = batch()
     poisoned = images.masked_fill(~mask[:, :, None].expand_as(images), float("nan"))
-    out = emb(poisoned, mask)
+    out = emb(VisualInput(poisoned, mask))
     assert torch.isfinite(out.embeds[out.mask]).all()
-    torch.testing.assert_close(out.embeds[out.mask], emb(images, mask).embeds[out.mask])
+    torch.testing.assert_close(out.embeds[out.mask], emb(VisualInput(images, mask)).embeds[out.mask])
 
 
 def test_frames_tokens_are_every_frames_patches_plus_its_time():
     torch.manual_seed(0)
     emb = FramesEmbedder(D, patch_size=P, image_size=32).eval()
     images, mask = batch()
-    out = emb(images, mask)
+    out = emb(VisualInput(images, mask))
     assert out.mask.sum(1).tolist() == [5 * 2 * 3, 2 * 3 * 2, 1 * 2 * 2]
     for t in range(5):  # clip 0, frame t: the patch embedder's tokens of that frame, plus time t
-        frame = emb.patch(images[0, t][None], mask[0, t][None])
+        frame = emb.patch(VisualInput(images[0, t][None], mask[0, t][None]))
         torch.testing.assert_close(out.embeds[0, 6 * t : 6 * t + 6], frame.embeds[0] + emb.time_embed[t])
 
 
@@ -73,7 +74,7 @@ def test_an_image_and_the_same_image_as_a_one_frame_clip_give_the_same_tokens():
     image = torch.randn(2, 3, 16, 24)
     pixel_mask = torch.ones(2, 16, 24, dtype=torch.bool)
     for emb in (TubeletEmbedder(D, patch_size=P, tubelet_frames=2).eval(), FramesEmbedder(D, patch_size=P, image_size=32).eval()):
-        a, b = emb(image, pixel_mask), emb(image[:, None], pixel_mask[:, None])
+        a, b = emb(VisualInput(image, pixel_mask)), emb(VisualInput(image[:, None], pixel_mask[:, None]))
         torch.testing.assert_close(a.embeds, b.embeds)
         torch.testing.assert_close(a.mask, b.mask)
 
@@ -83,7 +84,7 @@ def test_a_tubelet_of_an_image_is_the_image_through_the_kernel_summed_over_time(
     torch.manual_seed(0)
     emb = TubeletEmbedder(D, patch_size=P, tubelet_frames=3).eval()
     image = torch.randn(1, 3, 16, 24)
-    out = emb(image, torch.ones(1, 16, 24, dtype=torch.bool))
+    out = emb(VisualInput(image, torch.ones(1, 16, 24, dtype=torch.bool)))
     flat = F.conv2d(image, emb.proj.weight.sum(2), emb.proj.bias, stride=P).flatten(2).transpose(1, 2)
     torch.testing.assert_close(out.embeds - out.pos, flat, atol=1e-5, rtol=1e-5)
 
@@ -94,7 +95,7 @@ def test_frames_of_a_one_frame_clip_are_the_patch_embedders_tokens_plus_the_firs
     patch = PatchEmbedder(D, P, 32, max_tokens=-1).eval()
     patch.load_state_dict(emb.patch.state_dict())
     image, pixel_mask = pad_images([torch.randn(3, 16, 24), torch.randn(3, 24, 16)])
-    a, b = emb(image, pixel_mask), patch(image, pixel_mask)
+    a, b = emb(VisualInput(image, pixel_mask)), patch(VisualInput(image, pixel_mask))
     torch.testing.assert_close(a.embeds[a.mask], (b.embeds + emb.time_embed[0])[b.mask])
 
 
@@ -104,25 +105,25 @@ def test_single_frame_sees_the_middle_frame_only():
     middle = FramesEmbedder(D, patch_size=P, image_size=32, keep="middle").eval()
     middle.load_state_dict(every.state_dict())
     images, mask = batch()
-    out = middle(images, mask)
+    out = middle(VisualInput(images, mask))
     assert out.mask.sum(1).tolist() == [6, 6, 4]  # one frame each
     for i, m in enumerate([2, 0, 0]):  # the middle real frame: (length - 1) // 2
-        alone = every(images[i, m][None], mask[i, m][None])
+        alone = every(VisualInput(images[i, m][None], mask[i, m][None]))
         torch.testing.assert_close(out.embeds[i][out.mask[i]], alone.embeds[0][alone.mask[0]])
     shuffled = images.clone()
     shuffled[0, [0, 1, 3, 4]] = shuffled[0, [4, 3, 1, 0]]  # other frames in another order: nothing it sees changes
-    torch.testing.assert_close(middle(shuffled, mask).embeds, out.embeds)
-    assert not torch.allclose(every(shuffled, mask).embeds, every(images, mask).embeds)
+    torch.testing.assert_close(middle(VisualInput(shuffled, mask)).embeds, out.embeds)
+    assert not torch.allclose(every(VisualInput(shuffled, mask)).embeds, every(VisualInput(images, mask)).embeds)
 
 
 def test_max_tokens_caps_the_tokens_of_a_whole_clip():
     torch.manual_seed(0)
     images, mask = batch()
     for emb in (TubeletEmbedder(D, patch_size=P, max_tokens=5), FramesEmbedder(D, patch_size=P, image_size=32, max_tokens=5)):
-        assert emb(images, mask).mask.sum(1).tolist() == [5, 5, 4]
+        assert emb(VisualInput(images, mask)).mask.sum(1).tolist() == [5, 5, 4]
 
 
 def test_an_image_embedder_refuses_clips_on_one_line():
     images, mask = batch()
-    with pytest.raises(ValueError, match="model/embedder=tubelet, frames or single_frame"):
-        PatchEmbedder(D, P, 32)(images, mask)
+    with pytest.raises(ValueError, match="use model/embedder=frames, single_frame or tubelet$"):  # those taking clips
+        PatchEmbedder(D, P, 32)(VisualInput(images, mask))

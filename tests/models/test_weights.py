@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from torch import nn
 from transformers import ViltConfig
 
+from vlm.common import VisualInput
 from vlm.models import weights
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.heads import ITMHead, MLMHead, RankHead
@@ -143,7 +144,7 @@ def test_from_hf_matches_transformers_on_every_real_position(seed):
     pixels, mask = pixels[:, 0], mask[:, 0]
     with torch.no_grad():
         ref, patch_index, valid = hf_reference(hf, ids, attn, pixels, mask, seed)
-        ours = model(ids, attn, pixels, mask.bool())
+        ours = model(ids, attn, VisualInput(pixels, mask.bool()))
     assert_same_positions(ours, ref, patch_index, valid, attn, hf.config.patch_size)
 
 
@@ -157,7 +158,7 @@ def test_task_heads_match_transformers():
         pixels, mask = pixels[:, 0], mask[:, 0]
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=attn, pixel_values=pixels, pixel_mask=mask).logits
-            out = model(ids, attn, pixels, mask.bool())
+            out = model(ids, attn, VisualInput(pixels, mask.bool()))
             if arch == "ViltForMaskedLM":
                 keep = attn.bool()
                 assert_close_rel(heads["mlm_score"](out.text_states)[keep], ref[keep])
@@ -174,12 +175,12 @@ def test_nlvr2_pair_matches_transformers():
     ids, attn, pixels, mask = batch(hf.config, 6, n_images=2)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=attn, pixel_values=pixels, pixel_mask=mask).logits
-        pooled = [model(ids, attn, pixels[:, j], mask[:, j].bool(), image_token_type=j + 1).pooler_output
+        pooled = [model(ids, attn, VisualInput(pixels[:, j], mask[:, j].bool()), image_token_type=j + 1).pooler_output
                   for j in range(2)]
         assert_close_rel(heads["nlvr2_classifier"](torch.cat(pooled, -1)), ref)
         # the second image's pass position by position
         ref2, patch_index, valid = hf_reference(hf.vilt, ids, attn, pixels[:, 1], mask[:, 1], 6, image_token_type_idx=2)
-        ours2 = model(ids, attn, pixels[:, 1], mask[:, 1].bool(), image_token_type=2)
+        ours2 = model(ids, attn, VisualInput(pixels[:, 1], mask[:, 1].bool()), image_token_type=2)
     assert_same_positions(ours2, ref2, patch_index, valid, attn, hf.config.patch_size)
 
 
@@ -221,7 +222,7 @@ def test_our_model_exported_matches_transformers():
     pixels, mask = pixels[:, 0], mask[:, 0]
     with torch.no_grad():
         ref, patch_index, valid = hf_reference(hf, ids, attn, pixels, mask, 9)
-        ours = model(ids, attn, pixels, mask.bool())
+        ours = model(ids, attn, VisualInput(pixels, mask.bool()))
     assert_same_positions(ours, ref, patch_index, valid, attn, 8)
 
 
@@ -301,7 +302,7 @@ def test_original_checkpoint_imports(tmp_path):
     pixels, mask = pixels[:, 0], mask[:, 0]
     with torch.no_grad():
         ref, patch_index, valid = hf_reference(hf.vilt, ids, attn, pixels, mask, 11)
-        ours = model(ids, attn, pixels, mask.bool())
+        ours = model(ids, attn, VisualInput(pixels, mask.bool()))
     assert_same_positions(ours, ref, patch_index, valid, attn, hf.config.patch_size)
 
 
@@ -413,3 +414,36 @@ def test_the_pickle_refusal_keeps_torchs_reason_whole(tmp_path):
     assert "(Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default); " in str(e.value)
     assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
     assert load_file(tmp_path / "x.pt", trust_pickle=True)["args"].lr == 1
+
+
+def test_every_head_a_task_holds_is_saved_built_and_started_from():
+    """A task's `Head` attributes are its checkpoint's heads, each written as the node it declares (ITC's and MPP's
+    as much as ITM's), built again from it, read off the weights alone where a file records no nodes, and started
+    from by name; what is not a head (a plain parameter) is not."""
+    from vlm.models.heads import ITCHead, MPPHead
+    from vlm.models.weights.format import build, checkpoint, heads_in, heads_of, load_heads
+
+    def task(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        t = nn.Module()
+        t.model = ViLT(PatchEmbedder(16, patch_size=8, image_size=16), vocab_size=30, hidden_size=16, num_layers=1,
+                       num_heads=2)
+        t.itm_score, t.itc, t.mpp_score = ITMHead(16), ITCHead(16, dim=8), MPPHead(16, num_classes=5, eps=1e-7)
+        t.mask_token = nn.Parameter(torch.zeros(16))
+        return t
+
+    ours = task(0)
+    ckpt = checkpoint(ours.model, heads_of(ours))
+    assert ckpt["heads"] == {
+        "itm_score": {"_target_": "vlm.models.heads.ITMHead", "hidden_size": 16},
+        "itc": {"_target_": "vlm.models.heads.ITCHead", "hidden_size": 16, "dim": 8},
+        "mpp_score": {"_target_": "vlm.models.heads.MPPHead", "hidden_size": 16, "num_classes": 5, "eps": 1e-7}}
+    assert heads_in(ckpt["state_dict"], 16, eps=1e-7) == ckpt["heads"]
+    _, heads = build(ckpt)
+    assert torch.equal(heads["itc"].text.weight, ours.itc.text.weight)
+    other = task(1)
+    assert load_heads(other, ckpt) == ["itm_score", "itc", "mpp_score"]
+    for key, value in ours.state_dict().items():
+        if not key.startswith(("model.", "mask_token")):
+            assert torch.equal(other.state_dict()[key], value), key
+    assert not torch.equal(other.model.cls_token, ours.model.cls_token)  # the model is load_into's, not load_heads'

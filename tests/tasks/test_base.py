@@ -1,9 +1,14 @@
 """VLTaskModule: the optimiser and schedule from config nodes, hyper-parameters a checkpoint keeps, build_task."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from tests.conftest import SMALL_DATA, compose_config
+from vlm.data.collate import Batch
+from vlm.errors import ConfigError
+from vlm.tasks.base import build_task
 from vlm.train import build, train
 
 
@@ -66,3 +71,36 @@ def test_no_weight_decay_on_biases_norms_and_scalars():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model.proj.weight)}
     assert {g["lr"] for g in groups if any(p is model.proj.bias for p in g["params"])} == {1e-2}
+
+
+def test_a_batch_gives_the_embedder_one_visual_input_per_image():
+    """The first images with their boxes and box features; NLVR2's second images with their own boxes and none."""
+    images, mask = torch.randn(2, 3, 8, 8), torch.ones(2, 8, 8, dtype=torch.bool)
+    boxes, boxes2 = [torch.zeros(1, 4), torch.zeros(2, 4)], [torch.ones(3, 4), torch.ones(0, 4)]
+    feats = [torch.randn(1, 5), torch.randn(2, 5)]
+    b = Batch(keys=["a", "b"], images=images, pixel_mask=mask, boxes=boxes, box_features=feats, images2=images + 1,
+              pixel_mask2=mask, boxes2=boxes2)
+    first, second = b.visual_input(), b.visual_input(second=True)
+    assert first.images is b.images and first.pixel_mask is mask and first.boxes is boxes and first.box_features is feats
+    assert second.images is b.images2 and second.boxes is boxes2 and second.given == {"boxes"}
+    with pytest.raises(ValueError, match="no second images"):
+        Batch(keys=["a"], images=images[:1], pixel_mask=mask[:1]).visual_input(second=True)
+
+
+def test_what_the_embedder_reads_is_checked_against_the_data_when_the_task_is_built():
+    """A field no batch of the data will carry fails the build, on one line naming the embedder, the field and how to
+    get it, for every image the task shows the model (NLVR2: both)."""
+    def build_with(region_file, *overrides):
+        cfg = compose_config(["model/embedder=region", *overrides])
+        return build_task(cfg.task, cfg.model, SimpleNamespace(vocab_size=50, region_features=region_file))
+
+    with pytest.raises(ConfigError, match=r"^model.embedder: RegionEmbedder \(box_source=precomputed\) reads box_features, "
+                       r"which the data does not give: set data.region_features=FILE \(a region file: "
+                       r"python -m vlm.extract_regions writes one\)$"):
+        build_with(None, "model.embedder.box_source=precomputed")
+    build_with("regions.h5", "model.embedder.box_source=precomputed")
+    with pytest.raises(ConfigError, match=r"^model.embedder: RegionEmbedder \(box_source=precomputed\) reads box_features, "
+                       r"which the data's second images do not carry: a region file \(data.region_features\) describes "
+                       r"each example's first image only$"):
+        build_with("regions.h5", "model.embedder.box_source=precomputed", "task=nlvr2")
+    build_with(None, "model.embedder.box_source=data", "task=nlvr2")  # boxes: each batch says whether its samples have them

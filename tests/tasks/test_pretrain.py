@@ -73,7 +73,7 @@ def test_mpp_masks_visual_content_but_keeps_positions():
     b = batch()
     torch.manual_seed(1)
     out = t.compute(b)
-    visual = t.model.embedder(b.images, b.pixel_mask)
+    visual = t.model.embedder(b.visual_input())
     masked = seen[0]
     changed = (masked.embeds != visual.embeds).any(-1)
     n = visual.mask.sum(1)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from vlm.common import VisualInput
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.vilt import ViLT
 from vlm.tasks.pretrain import PretrainLitModule
@@ -63,7 +64,7 @@ def test_score_pair_list_is_score_pairs_at_those_pairs():
     model = ViLT(PatchEmbedder(32, patch_size=8, image_size=32, max_tokens=-1), vocab_size=40, hidden_size=32,
                  num_layers=2, num_heads=4, dropout=0.0)
     task = PretrainLitModule(model).eval()
-    visual = model.embedder(torch.randn(3, 3, 16, 24), torch.ones(3, 16, 24, dtype=torch.bool))
+    visual = model.embedder(VisualInput(torch.randn(3, 3, 16, 24), torch.ones(3, 16, 24, dtype=torch.bool)))
     ids, attn = torch.randint(5, 40, (4, 6)), torch.ones(4, 6, dtype=torch.long)
     full = score_pairs(task, visual, ids, attn, chunk=4)
     i, t = torch.tensor([2, 0, 1, 2]), torch.tensor([3, 1, 1, 0])
@@ -79,11 +80,11 @@ def test_score_pairs_matches_one_pass_per_pair():
     pixel_mask[1, :, 16:] = False
     ids, attn = torch.randint(5, 40, (4, 6)), torch.ones(4, 6, dtype=torch.long)
     attn[2, 4:] = 0
-    visual = model.embedder(images, pixel_mask)
+    visual = model.embedder(VisualInput(images, pixel_mask))
     scores = score_pairs(task, visual, ids, attn, chunk=5)
     for i in range(3):
         for t in range(4):
-            out = model(ids[t : t + 1], attn[t : t + 1], images[i : i + 1], pixel_mask[i : i + 1])
+            out = model(ids[t : t + 1], attn[t : t + 1], VisualInput(images[i : i + 1], pixel_mask[i : i + 1]))
             logit = task.itm_score(out.pooler_output)[0]
             torch.testing.assert_close(scores[i, t], logit[1] - logit[0], atol=1e-5, rtol=1e-4)
 
@@ -105,5 +106,5 @@ def test_score_pairs_enters_a_fresh_precision_context_per_chunk():
     task = PretrainLitModule(model).eval()
     images, pixel_mask = torch.randn(3, 3, 16, 24), torch.ones(3, 16, 24, dtype=torch.bool)
     ids, attn = torch.randint(5, 40, (4, 6)), torch.ones(4, 6, dtype=torch.long)
-    scores = score_pairs(task, model.embedder(images, pixel_mask), ids, attn, chunk=5, autocast=forward_context)
+    scores = score_pairs(task, model.embedder(VisualInput(images, pixel_mask)), ids, attn, chunk=5, autocast=forward_context)
     assert len(entered) == 3 and scores.shape == (3, 4) and torch.isfinite(scores).all()  # 12 pairs, chunks of 5

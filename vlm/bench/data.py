@@ -13,6 +13,7 @@ from rich.table import Table
 
 from vlm.bench.common import FAST, optimizer_for, time_steps, train_step
 from vlm.bench.fixtures import random_batch
+from vlm.common import VisualInput
 
 WHAT = ("loader samples/s per core on photo-sized JPEGs (PIL path vs fast path) beside ViLT-B/32's consumption on "
         "an H100; per data layout with 0, 1, 2 workers, beside the step's consumption")
@@ -21,28 +22,33 @@ H100_BF16_PEAK = 989e12  # FLOP/s, dense bf16 (NVIDIA's H100 SXM datasheet, with
 MFU = 0.4  # a well-fed run's share of that peak
 PHOTO_BATCH, PHOTO_IMAGE = 32, (384, 640)  # ViLT-B/32's resolution: shorter side 384, longer side <= 640
 
-DATA_FORMATS = ("synthetic", "webdataset", "parquet", "coco_karpathy", "imagefolder")
+def data_formats(search_path=()) -> list[str]:
+    """The rows of the per-layout table: the built-in data, then every format `vlm.data.export` writes (each
+    ``conf/data/`` layout whose source writes examples)."""
+    from vlm.data.export import formats
+
+    return ["synthetic", *formats(search_path)]
 
 
-def data_fixtures(root: Path, n: int, shards: int = 4) -> dict:
-    """format -> (source, train files, tokenizer dir): the same ``n`` built-in scenes in every layout, in
-    ``shards`` shards each (so that 1, 2 and 4 workers divide them)."""
-    from vlm.data import export
-    from vlm.data.sources import CocoKarpathy, ImageFolder, Parquet, WebDataset
+def data_fixtures(root: Path, n: int, shards: int = 4, search_path=()) -> dict:
+    """format -> (source, train files, tokenizer dir): the same ``n`` built-in scenes in every layout (COCO
+    Karpathy: ``n`` images, five captions each), in ``shards`` training shards each (so that 1, 2 and 4 workers
+    divide them), read by the source its ``conf/data/`` config builds."""
+    from hydra.utils import instantiate
+
+    from vlm.cli import compose_train
+    from vlm.data.export import formats
+    from vlm.data.sources import WebDataset
     from vlm.data.synthetic import SyntheticData
 
     synthetic = SyntheticData(str(root / "synthetic"), train_size=n, val_size=shards, test_size=shards, shard_size=n // shards)
     synthetic.ensure()
     tokenizer = str(root / "synthetic" / "tokenizer")
-    cache, rows = str(root / "hf-cache"), n // shards
     out = {"synthetic": (WebDataset(), synthetic.shards("train"), tokenizer)}
-    out["webdataset"] = (WebDataset(), export.write_webdataset(root / "webdataset", "train", n, shards), tokenizer)
-    out["parquet"] = (Parquet(key_column="key"), export.write_parquet(root / "parquet", "train", n, shards, rows_per_group=rows), tokenizer)
-    images = max(1, n // 5 // shards)  # images per shard: five captions each
-    karpathy = export.write_coco_karpathy(root / "coco", {"train": images * shards}, captions_per_image=5)
-    out["coco_karpathy"] = (CocoKarpathy(rows_per_shard=images, cache_dir=cache), karpathy, tokenizer)
-    meta = export.write_imagefolder(root / "imagefolder", "train", n)
-    out["imagefolder"] = (ImageFolder(rows_per_shard=rows, cache_dir=cache), meta, tokenizer)
+    for name, cls in formats(search_path).items():
+        written = cls.write_examples(root / name, {"train": n}, shards)
+        node = compose_train([f"data={name}"], search_path).data.source
+        out[name] = (instantiate(node, **written.source), written.files["train"], tokenizer)
     return out
 
 
@@ -108,7 +114,7 @@ def vilt_b32_flops(text_len: int = 40) -> dict:
         ids = torch.randint(5, model.text_embeddings.word_embeddings.num_embeddings, (1, text_len), generator=g)
         images = torch.randn(1, 3, *PHOTO_IMAGE, generator=g)
         with FlopCounterMode(display=False) as counter:
-            o = model(ids, torch.ones_like(ids), images, torch.ones(1, *PHOTO_IMAGE, dtype=torch.bool))
+            o = model(ids, torch.ones_like(ids), VisualInput(images, torch.ones(1, *PHOTO_IMAGE, dtype=torch.bool)))
             (o.last_hidden_state.float().square().mean() + o.pooler_output.float().mean()).backward()
         out[name] = {"flops": float(counter.get_total_flops()), "tokens": int(o.last_hidden_state.shape[1])}
         out[name]["h100_samples_per_s"] = MFU * H100_BF16_PEAK / out[name]["flops"]
@@ -197,7 +203,7 @@ def run(args) -> dict:
         photos = photo_report(Path(tmp), max(32, n // 8), fixtures["synthetic"][2], args.repeats or 3)
         print_photo_report(photos)
         rows = []
-        for fmt in DATA_FORMATS:
+        for fmt in data_formats():
             rates = {w: loader_rate(fixtures[fmt], w, batches, batch, tiny) for w in (0, 1, 2)}
             rows.append({"format": fmt, **{f"workers_{w}": r for w, r in rates.items()}})
         dm = data_module(fixtures["synthetic"], 0, batch, tiny)

@@ -4,7 +4,6 @@ training step."""
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -15,25 +14,30 @@ from vlm.bench.fixtures import scene_batch
 from vlm.precision import autocast
 
 WHAT = "every embedder in conf/model/embedder side by side: parameters, GFLOPs, ms alone and in a step; images and clips"
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "embedder"
 VARIANTS = {  # rows beside one per embedder config: settings whose cost differs enough to show
     "grid resnet50": ["model/embedder=grid", "model.embedder.backbone=resnet50"],
     "region detector": ["model/embedder=region", "model.embedder.box_source=detector"],
 }
-VIDEO = ("frames", "tubelet", "single_frame")  # the clip table's rows (frames first: its ratios' reference)
 CLIP_FRAMES = 8  # frames per clip, as data=synthetic_video samples them
 
 
-def cases() -> dict[str, list[str]]:
-    """Image table row -> overrides: every image embedder config as it is (patch first: the ratios' reference), then
+def cases(search_path=()) -> dict[str, list[str]]:
+    """Image table row -> overrides: every embedder config (`vlm.cli.embedders`: conf/model/embedder/, and the same
+    folder on ``search_path``) whose class embeds images only, as it is (patch first: the ratios' reference), then
     VARIANTS."""
-    names = sorted((p.stem for p in CONF.glob("*.yaml") if p.stem not in VIDEO), key=lambda n: (n != "patch", n))
+    from vlm.cli import embedders
+
+    names = sorted((o.name for o in embedders(search_path) if not o.cls.takes_clips), key=lambda n: (n != "patch", n))
     return {**{name: [f"model/embedder={name}"] for name in names}, **VARIANTS}
 
 
-def clip_cases() -> dict[str, list[str]]:
-    """Clip table row -> overrides: the video embedders at every token of the clip."""
-    return {name: [f"model/embedder={name}", "model.embedder.max_tokens=-1"] for name in VIDEO}
+def clip_cases(search_path=()) -> dict[str, list[str]]:
+    """Clip table row -> overrides: every embedder config whose class takes clips (``takes_clips``; frames first:
+    its ratios' reference), at every token of the clip."""
+    from vlm.cli import embedders
+
+    names = sorted((o.name for o in embedders(search_path) if o.cls.takes_clips), key=lambda n: (n != "frames", n))
+    return {name: [f"model/embedder={name}", "model.embedder.max_tokens=-1"] for name in names}
 
 
 def run(args) -> dict:
@@ -74,11 +78,11 @@ def measure(rows_overrides: dict[str, list[str]], batch, vocab: int, repeats: in
         torch.manual_seed(0)
         task = build_task_without_data(cfg.task, cfg.model, vocab)
         emb = task.model.embedder
-        cost = emb.cost(batch.images, batch.pixel_mask, batch.boxes)
+        cost = emb.cost(batch.visual_input())
         with FlopCounterMode(display=False) as counter, autocast(FAST):
             task.compute(batch)["loss"].backward()
         task.zero_grad(set_to_none=True)
-        tokens = emb.eval()(batch.images, batch.pixel_mask, batch.boxes).mask.sum(1).float().mean().item()
+        tokens = emb.eval()(batch.visual_input()).mask.sum(1).float().mean().item()
         opt = optimizer_for(task)
         rows[name] = {"task": task, "emb": emb, "opt": opt, "times": {"fwd": [], "fwd_bwd": [], "step": []},
                       "row": {"embedder": name, "params_m": cost["params"] / 1e6, "trainable_m": cost["trainable"] / 1e6,
@@ -88,12 +92,12 @@ def measure(rows_overrides: dict[str, list[str]], batch, vocab: int, repeats: in
     def forward(c):
         c["emb"].eval()
         with torch.no_grad(), autocast(FAST):
-            c["emb"](batch.images, batch.pixel_mask, batch.boxes)
+            c["emb"](batch.visual_input())
 
     def forward_backward(c):
         c["emb"].train()
         with autocast(FAST):
-            out = c["emb"](batch.images, batch.pixel_mask, batch.boxes)
+            out = c["emb"](batch.visual_input())
         out.embeds.float().sum().backward()
         c["emb"].zero_grad(set_to_none=True)
 

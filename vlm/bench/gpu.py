@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.native import native_inputs
+from vlm.common import VisualInput
 from vlm.models.packing import Packing
 
 WHAT = ("on a CUDA GPU: ViLT-B/32 bf16 training samples/s and MFU (FLOPs by torch.utils.flop_counter, peak from a "
@@ -54,7 +55,7 @@ def on(device: torch.device, x: dict) -> dict:
 def forward_backward(model, x: dict, device: torch.device) -> None:
     """Forward and backward in bf16 autocast, as a training step computes them."""
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        out = model(x["ids"], x["attn"], x["images"], x["pixel_mask"])
+        out = model(x["ids"], x["attn"], VisualInput(x["images"], x["pixel_mask"]))
         loss = out.last_hidden_state.float().square().mean() + out.pooler_output.float().mean()
     loss.backward()
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm.bench.common import PRECISIONS
+from vlm.common import VisualInput
 from vlm.precision import autocast
 
 WHAT = "our ViLT-B/32 against transformers' ViltModel, same weights: forward, forward + backward"
@@ -67,7 +68,7 @@ def run(args) -> dict:
             if model is hf:
                 out = hf(input_ids=ids, attention_mask=attn, pixel_values=images, pixel_mask=pixel_mask)
             else:
-                out = ours(ids, attn, images, pixel_mask.bool())
+                out = ours(ids, attn, VisualInput(images, pixel_mask.bool()))
         return out.last_hidden_state, out.pooler_output
 
     def step(model, x, precision: str, backward: bool) -> float:

@@ -12,6 +12,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlm.bench.common import FAST, alternate
+from vlm.common import VisualInput
 from vlm.models.packing import Packing
 from vlm.precision import autocast
 
@@ -60,7 +61,7 @@ def contestants(ours, hf, x: dict, seq_len: int) -> dict:
     def mine(kind):
         def go():
             ours.packing = packings[kind]
-            out = ours(x["ids"], x["attn"], x["images"], x["pixel_mask"].bool())
+            out = ours(x["ids"], x["attn"], VisualInput(x["images"], x["pixel_mask"].bool()))
             return out.last_hidden_state, out.pooler_output, out
         return go
 

@@ -84,7 +84,7 @@ def run(args) -> dict:
         # above take the dense mask)
         text = model.text_embeddings(batch.input_ids) + model.token_type_embeddings.weight[0]
         with torch.no_grad():
-            visual = model.embedder(batch.images, batch.pixel_mask)
+            visual = model.embedder(batch.visual_input())
             image, image_mask = model.embed_image(visual)
             x = torch.cat([text, image], 1)
             mask = torch.cat([batch.attention_mask.bool(), image_mask], 1)

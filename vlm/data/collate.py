@@ -16,7 +16,7 @@ import torch
 from annotated_types import Ge, Interval
 from torch import Tensor
 
-from vlm.common import IGNORE
+from vlm.common import IGNORE, VISUAL_FIELDS, VisualInput
 from vlm.data.answers import AnswerVocab
 from vlm.data.sample import Sample
 from vlm.data.transforms import normalize
@@ -61,6 +61,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def visual_input(self, second: bool = False) -> VisualInput:
+        """What the visual embedder reads of this batch: its images, pixel mask and the boxes and box features it has;
+        ``second``: the second image of each example (NLVR2's), with its own boxes and no box features."""
+        if not second:
+            return VisualInput(self.images, self.pixel_mask, self.boxes, self.box_features)
+        if self.images2 is None:
+            raise ValueError("this batch has no second images (a task reading pairs needs pair data, as NLVR2's)")
+        return VisualInput(self.images2, self.pixel_mask2, self.boxes2)
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """On ``device``; pinned tensors (``pin_memory``) are copied to an accelerator without waiting."""
         accelerator = torch.device(device).type != "cpu"
@@ -83,6 +92,16 @@ class Batch:
         if self.images2 is not None:
             out.images2 = normalize(self.images2, self.pixel_mask2)
         return out
+
+
+def absent_visual_fields(region_file: bool, second: bool = False) -> dict[str, str]:
+    """The fields beyond the pixels (`vlm.common.VISUAL_FIELDS`) that no batch of the data will carry, each with how to
+    get it: box features come from a region file (``data.region_features``) only, for each example's first image only
+    (``second``: NLVR2's second images). Boxes may come from the samples themselves, which only a batch shows
+    (`VisualInput.given`)."""
+    if second:
+        return {"box_features": "a region file (data.region_features) describes each example's first image only"}
+    return {} if region_file else {"box_features": VISUAL_FIELDS["box_features"]}
 
 
 def _map_tensors(v, fn):

@@ -19,7 +19,7 @@ from annotated_types import Ge
 
 from vlm.data.answers import AnswerVocab
 from vlm.data.collate import Batch, Collator, ImageCollator
-from vlm.data.decode import REASONS
+from vlm.data.decode import reasons
 from vlm.data.regions import RegionFile
 from vlm.data.sources import Shard, Source, WebDataset, expand_files, read_shard
 from vlm.data.stream import ShardStream, StreamLoader, StreamProgress
@@ -337,8 +337,9 @@ class LogSkipped(L.Callback):
         counts = getattr(trainer.datamodule, "skipped", {}).get("train") if trainer.datamodule is not None else None
         if counts is None or (trainer.global_step % max(1, trainer.log_every_n_steps)):
             return
-        local = torch.tensor([float(counts.get(r, 0)) for r in REASONS], device=pl_module.device)
+        names = reasons()
+        local = torch.tensor([float(counts.get(r, 0)) for r in names], device=pl_module.device)
         total = trainer.strategy.reduce(local, reduce_op="sum").tolist()  # every rank, same step: a fixed vector
-        values = {f"data/skipped_{r}": v for r, v in zip(REASONS, total) if v}
+        values = {f"data/skipped_{r}": v for r, v in zip(names, total) if v}
         if values:
             pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)

@@ -14,10 +14,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # far above any sane image, still a cap on decompression bombs
 
-# Every reason a sample is skipped (a shard, for unreadable_shard; a box, for bad_boxes); logged as
-# data/skipped_<reason>. A fixed list, so that every rank reduces the same vector of counts.
+# The reasons any sample may be skipped (a shard, for unreadable_shard; a box, for bad_boxes), whatever its layout;
+# a source adds its own (`Source.skip_reasons`, `reasons`). Each is logged as data/skipped_<reason>.
 REASONS = (
-    "failed_download",  # img2dataset left only KEY.json with a non-success status
     "missing_image",  # no image field, or an image path that cannot be read
     "empty_image",  # zero bytes
     "corrupt_image",  # truncated or garbage bytes
@@ -28,12 +27,8 @@ REASONS = (
     "empty_caption",  # empty or whitespace only
     "bad_caption",  # not text (a number, a dict, ...)
     "long_caption",
-    "bad_json",  # KEY.json that does not parse to an object
     "bad_boxes",  # counts boxes, not samples: NaN, inverted, outside the image, or not 4 numbers; the sample stays
     "no_regions",  # the region feature file (box_source=precomputed) has no boxes for the key
-    "missing_pair_image",  # an example of two images (NLVR2) with one
-    "bad_label",  # a label the task cannot read (NLVR2: not True / False)
-    "missing_answers",  # a question its annotations give no answers
     "missing_video",  # no video field, or a video path that cannot be read
     "empty_video",  # zero bytes
     "corrupt_video",  # garbage, or a file cut before the decoder could start (vlm.data.video)
@@ -46,12 +41,22 @@ REASONS = (
 )
 
 
+def reasons() -> tuple[str, ...]:
+    """Every skip reason: `REASONS`, then those the sources declare beyond them (``skip_reasons`` of each
+    `vlm.data.sources.Source` subclass imported), sorted: the same tuple on every rank that reads the same sources,
+    so that the ranks reduce one vector of counts."""
+    from vlm.data.sources.base import source_classes
+
+    return REASONS + tuple(sorted({r for cls in source_classes() for r in cls.skip_reasons} - set(REASONS)))
+
+
 class BadSample(Exception):
-    """A sample to skip; ``reason`` (one of `REASONS`) is what it is counted under."""
+    """A sample to skip; ``reason`` (one of `reasons`) is what it is counted under."""
 
     def __init__(self, reason: str, detail: str = ""):
-        if reason not in REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}")
+        if reason not in REASONS and reason not in reasons():
+            raise ValueError(f"unknown skip reason {reason!r}: not one of vlm.data.decode.REASONS, nor declared by a "
+                             "source (Source.skip_reasons)")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 

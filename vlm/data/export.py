@@ -5,6 +5,8 @@ img2dataset webdataset shards, parquet, COCO Karpathy (json + image folders) and
 benchmark. ``--failed`` and ``--corrupt`` give the share of failed downloads (img2dataset leaves only
 ``KEY.json`` with ``"status": "failed_to_download"``) and of broken image bytes (half truncated, half garbage).
 ``photos``: webdataset shards of the scenes as photo-sized JPEGs (``--size``), what decoding costs on real photos.
+The formats are the ``conf/data/`` configs of files of your own whose source writes examples
+(`vlm.data.sources.Source.write_examples`, calling the writers here): a new layout's config and class are enough.
 
     python -m vlm.data.export webdataset --out /tmp/web --train 2000 --val 200 --shards 2 --failed 0.03 --corrupt 0.1
     python -m vlm.data.export photos --size 1600x1200 --out /tmp/photos --train 256 --val 32
@@ -14,19 +16,37 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vlm.data.synthetic_scenes import COLORS, SPLITS, draw_shape, jpeg, layout, make_sample, scene_caption
 
-FORMATS = ("webdataset", "parquet", "coco_karpathy", "imagefolder")
 PHOTO_SIZES = ((640, 480), (1600, 1200))  # (width, height): a web photo, a camera's
+
+
+def formats(search_path: Sequence[str | Path] = ()) -> dict[str, type]:
+    """Format name -> its source class: each ``conf/data/`` config (and those on ``search_path``, Hydra's) whose
+    files are yours to give (it generates none) and whose source class writes examples, once per class."""
+    return dict(_formats(tuple(map(str, search_path))))
+
+
+@functools.cache
+def _formats(search_path: tuple[str, ...]) -> tuple[tuple[str, type], ...]:
+    from vlm.cli import options
+
+    out: dict[str, type] = {}
+    for o in options("data", search_path, target="source._target_"):
+        writes = getattr(o.cls, "writes_examples", None)
+        if writes is not None and writes() and o.node.get("generate") is None and o.cls not in out.values():
+            out[o.name] = o.cls
+    return tuple(out.items())
 
 
 def scenes(split: str, n: int, seed: int = 0) -> Iterator[tuple[str, bytes, dict]]:
@@ -233,23 +253,18 @@ def write_imagefolder(out: str | Path, split: str, n: int, metadata: str = "json
 
 
 def export(fmt: str, out: str | Path, train: int, val: int, shards: int = 1, seed: int = 0, failed: float = 0.0,
-           corrupt: float = 0.0, size: tuple[int, int] = PHOTO_SIZES[0]) -> dict[str, list[str] | str]:
-    """One format (or ``photos`` of ``size``), train and val splits; returns the files to give as
+           corrupt: float = 0.0, size: tuple[int, int] = PHOTO_SIZES[0],
+           search_path: Sequence[str | Path] = ()) -> dict[str, list[str] | str]:
+    """One format of `formats` (or ``photos`` of ``size``), train and val splits; returns the files to give as
     data.train_files / data.val_files."""
-    kw = dict(seed=seed, failed=failed, corrupt=corrupt)
     if fmt == "photos":
+        kw = dict(seed=seed, failed=failed, corrupt=corrupt)
         return {"train": write_photos(out, "train", train, size, shards, **kw),
                 "val": write_photos(out, "val", val, size, 1, **kw)}
-    if fmt == "webdataset":
-        return {"train": write_webdataset(out, "train", train, shards, **kw), "val": write_webdataset(out, "val", val, 1, **kw)}
-    if fmt == "parquet":
-        return {"train": write_parquet(out, "train", train, shards, **kw), "val": write_parquet(out, "val", val, 1, **kw)}
-    if fmt == "coco_karpathy":
-        path = write_coco_karpathy(out, {"train": train, "val": val}, **kw)
-        return {"train": path, "val": path}
-    if fmt == "imagefolder":
-        return {"train": write_imagefolder(out, "train", train, **kw), "val": write_imagefolder(out, "val", val, **kw)}
-    raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}, photos")
+    layouts = formats(search_path)
+    if fmt not in layouts:
+        raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(layouts)}, photos")
+    return layouts[fmt].write_examples(out, {"train": train, "val": val}, shards, seed, failed, corrupt).files
 
 
 def photo_size(text: str) -> tuple[int, int]:
@@ -264,7 +279,7 @@ def photo_size(text: str) -> tuple[int, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m vlm.data.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("format", choices=(*FORMATS, "photos"))
+    p.add_argument("format", choices=(*formats(), "photos"))
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=photo_size, default=PHOTO_SIZES[0], help="photos: WIDTHxHEIGHT (default 640x480)")
     p.add_argument("--train", type=int, default=2000, help="training samples (images for coco_karpathy)")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from vlm.models.embedders.base import VisualEmbedder, VisualTokens
+from vlm.models.embedders.base import VisualEmbedder, VisualInput, VisualTokens
 from vlm.models.packing import Packing, PackedLayout, drop_tokens, fit_to
 
 _COMPILED_FLEX = []
@@ -131,6 +131,9 @@ class ViLT(nn.Module):
     steps, and each new kind of batch shape, pay for compilation.
     """
 
+    # arguments that leave the weights as they are (a resumed run may change them, `vlm.resume`)
+    free_on_resume = frozenset({"vocab_size", "dropout", "compile"})
+
     def __init__(
         self,
         embedder: VisualEmbedder,
@@ -207,19 +210,17 @@ class ViLT(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        images: Tensor | None = None,
-        pixel_mask: Tensor | None = None,
-        boxes: list[Tensor] | None = None,
+        visual_input: VisualInput | None = None,
         visual: VisualTokens | None = None,
         image_token_type: int = 1,
-        box_features: list[Tensor] | None = None,
     ) -> ViltOutput:
-        """Pass ``images``/``pixel_mask`` (and ``boxes``, ``box_features``), or ``visual`` tokens embedded beforehand."""
+        """Over ``visual_input``, what the embedder reads (`VisualInput`: a batch's ``visual_input()``), or ``visual``,
+        its tokens embedded beforehand (one embedding shown to several texts)."""
+        if (visual_input is None) == (visual is None):
+            raise ValueError("ViLT takes visual_input (what the embedder reads) or visual (tokens embedded beforehand): "
+                             "one of them")
         if visual is None:
-            if pixel_mask is None:
-                shape = (*images.shape[:-3], *images.shape[-2:])  # [B, H, W], clips [B, T, H, W]
-                pixel_mask = images.new_ones(shape, dtype=torch.bool)
-            visual = self.embedder(images, pixel_mask, boxes, box_features)
+            visual = self.embedder(visual_input)
         text = self.text_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         image, image_mask = self.embed_image(visual, image_token_type)
         text_mask = attention_mask.bool()

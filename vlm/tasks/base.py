@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -16,7 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from vlm.callbacks import Throughput
-from vlm.errors import ConfigError, DataError, building, data_line, first_reported
+from vlm.data.collate import absent_visual_fields
+from vlm.errors import DataError, building, data_line, first_reported
 from vlm.models import weights
 from vlm.tasks.optim import make_optimizer, warmup_linear
 
@@ -35,10 +36,15 @@ class VLTaskModule(L.LightningModule):
     end-of-run evaluation also reads the data's test split. The init arguments (the model's architecture,
     added by `build_task`) are saved as hyper-parameters, so a training checkpoint says what it holds.
 
-    A subclass provides ``network`` (a property: the module whose parameters and cost are reported) and the steps.
+    A subclass provides ``network`` (a property: the module whose parameters and cost are reported) and the steps,
+    and declares ``METRICS``: the end-of-run metrics a comparison of runs shows (key -> title), its headline first
+    (`vlm.compare`'s column for the task). Its task heads are `vlm.models.heads.Head` attributes, which checkpoints
+    carry by themselves.
     """
 
     network: nn.Module
+    METRICS: ClassVar[dict[str, str]] = {}
+    reads_second_image: bool = False  # whether its model also embeds each example's second image (NLVR2's pairs)
 
     def __init__(self, optimizer: partial | None = None, scheduler: partial | None = None,
                  lr_mults: dict[str, float] | None = None, test_split: bool = True):
@@ -111,8 +117,7 @@ class VLTaskModule(L.LightningModule):
             out["params/embedder"] = float(sum(p.numel() for p in embedder.parameters()))
             batch = datamodule.example_batch("val").to(self.device)
             was_training = embedder.training
-            out["cost/gflops_per_image"] = embedder.eval().cost(batch.images, batch.pixel_mask, batch.boxes,
-                                                                batch.box_features)["gflops"]
+            out["cost/gflops_per_image"] = embedder.eval().cost(batch.visual_input())["gflops"]
             embedder.train(was_training)
         for cb in trainer.callbacks:
             if isinstance(cb, Throughput):
@@ -183,12 +188,9 @@ def build_task(task_node: DictConfig, model_node: DictConfig, datamodule, init: 
         with building("model.init_from"):
             ckpt = weights.read_checkpoint(init_from)
             weights.load_into(model, ckpt, origin=str(init_from))
-    needs = getattr(getattr(model, "embedder", None), "needs", frozenset())
-    if "box_features" in needs and not getattr(datamodule, "region_features", None):
-        raise ConfigError(f"model.embedder: {type(model.embedder).__name__} with box_source=precomputed reads box "
-                          "features from a file: set data.region_features=FILE (python -m vlm.extract_regions writes one)")
     with building("task"):
         task = instantiate(task_cfg, model=model)
+    check_visual_input(task, datamodule)
     if ckpt is not None:
         with building("model.init_from"):
             task.start_heads(ckpt, origin=str(init_from))
@@ -196,6 +198,19 @@ def build_task(task_node: DictConfig, model_node: DictConfig, datamodule, init: 
         node["num_modality_types"] = model.token_type_embeddings.num_embeddings
     task.hparams["model"] = node
     return task
+
+
+def check_visual_input(task: VLTaskModule, datamodule) -> None:
+    """The data gives the embedder what it reads beyond the pixels (`VisualEmbedder.needs`) for every image the task
+    shows it, checked when the task is built rather than in its first step (what only a batch shows, each call
+    checks: `VisualEmbedder.check`)."""
+    embedder = getattr(getattr(task, "network", None), "embedder", None)
+    if embedder is None:
+        return
+    region_file = bool(getattr(datamodule, "region_features", None))
+    embedder.require(absent_visual_fields(region_file), "the data does not give")
+    if task.reads_second_image:
+        embedder.require(absent_visual_fields(region_file, second=True), "the data's second images do not carry")
 
 
 def build_task_without_data(task_node: DictConfig, model_node: DictConfig, vocab_size: int,

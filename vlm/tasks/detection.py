@@ -33,6 +33,8 @@ class DetectionLitModule(VLTaskModule):
     embedder's ``detector.weights`` loads. The optimiser arguments are `VLTaskModule`'s.
     """
 
+    METRICS = {"val/map": "mAP"}
+
     def __init__(self, model: nn.Module, optimizer: partial | None = None, scheduler: partial | None = None,
                  lr_mults: dict[str, float] | None = None, test_split: bool = False):
         super().__init__(optimizer, scheduler, lr_mults, test_split)

@@ -26,6 +26,10 @@ class NLVR2LitModule(VLTaskModule):
     ``val/nlvr2_majority``, the accuracy of always giving the more frequent label.
     """
 
+    METRICS = {"val/nlvr2_acc": "NLVR2 acc"}
+
+    reads_second_image = True
+
     def __init__(self, model: ViLT, optimizer: partial | None = None, scheduler: partial | None = None,
                  lr_mults: dict[str, float] | None = None, test_split: bool = True):
         super().__init__(optimizer, scheduler, lr_mults, test_split)
@@ -43,9 +47,8 @@ class NLVR2LitModule(VLTaskModule):
 
     def pair_features(self, batch: Batch) -> Tensor:
         """[B, 2D]: the pooled output of the statement with the left image (type 1), then with the right (type 2)."""
-        left = self.model(batch.input_ids, batch.attention_mask, batch.images, batch.pixel_mask, batch.boxes,
-                          image_token_type=1)
-        right = self.model(batch.input_ids, batch.attention_mask, batch.images2, batch.pixel_mask2, batch.boxes2,
+        left = self.model(batch.input_ids, batch.attention_mask, batch.visual_input(), image_token_type=1)
+        right = self.model(batch.input_ids, batch.attention_mask, batch.visual_input(second=True),
                            image_token_type=self.second_type)
         return torch.cat([left.pooler_output, right.pooler_output], dim=-1)
 

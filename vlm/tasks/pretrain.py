@@ -48,6 +48,10 @@ class PretrainLitModule(VLTaskModule):
     the end-of-run evaluation (N^2 transformer passes). The optimiser arguments are `VLTaskModule`'s.
     """
 
+    METRICS = {"val/itm_acc": "ITM acc", "val/mlm_acc": "MLM acc", "test/itm_acc": "ITM acc (compositional)",
+               "val/wpa_pos": "WPA pos", "val/wpa_neg": "WPA neg", "val/tr_r1": "TR@1", "val/tr_r5": "TR@5",
+               "val/ir_r1": "IR@1", "val/ir_r5": "IR@5"}
+
     def __init__(
         self,
         model: ViLT,
@@ -79,10 +83,12 @@ class PretrainLitModule(VLTaskModule):
         embedder = model.embedder
         for name, fields in NEEDS.items():
             if self.active(name) and embedder.lacks(fields):
+                from vlm.cli import embedder_choices
+
                 raise ValueError(f"objectives.{name}={self.weights[name]}: {name.upper()} reads the visual tokens' "
                                  f"{' and '.join(embedder.lacks(fields))}, which {type(embedder).__name__} does not give "
                                  f"(it gives {', '.join(sorted(embedder.gives)) or 'neither'}): set task.objectives.{name}=0 "
-                                 "or use model/embedder=patch")
+                                 f"or use {embedder_choices(lambda c, f=fields: set(f) <= set(c.gives))}")
         self.ipot = {"beta": wpa_beta, "iterations": wpa_iterations, "inner_steps": wpa_inner_steps}
         self.mpp_prob = mpp_prob
         self.mlm_batch_fraction = mlm_batch_fraction
@@ -126,7 +132,7 @@ class PretrainLitModule(VLTaskModule):
         """Losses and what the metrics need, for one batch (``measure_wpa``: transport distances even with WPA off)."""
         out: dict[str, Tensor] = {}
         # embed the images once: the ITM pass shows the same images, some to other texts
-        visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes, batch.box_features)
+        visual = self.model.embedder(batch.visual_input())
         wpa = self.active("wpa") or measure_wpa
         if self.active("itm") or wpa:
             ids, attn = ((batch.itm_ids, batch.itm_attention_mask) if batch.itm_ids is not None

@@ -47,9 +47,7 @@ def collect(task, loader, n_pairs: int) -> tuple[VisualTokens, Tensor, Tensor]:
     for batch in loader:
         batch = batch.to(task.device).normalized()
         take = min(len(batch), n_pairs - seen)
-        visual = task.model.embedder(batch.images[:take], batch.pixel_mask[:take],
-                                     batch.boxes[:take] if batch.boxes is not None else None,
-                                     batch.box_features[:take] if batch.box_features is not None else None)
+        visual = task.model.embedder(batch.visual_input().select(slice(take)))
         embeds.append(visual.embeds.float())
         masks.append(visual.mask)
         if visual.boxes is not None:
@@ -173,6 +171,9 @@ class RetrievalLitModule(VLTaskModule):
     ``val/itc_tr_r1``, and ``val/pairs_scored``.
     """
 
+    METRICS = {"val/ir_r1": "IR@1", "val/tr_r1": "TR@1", "val/tr_r5": "TR@5", "val/ir_r5": "IR@5",
+               "val/tr_r10": "TR@10", "val/ir_r10": "IR@10"}
+
     def __init__(self, model, negatives: Annotated[int, Ge(1)] = 15, itc_weight: Annotated[float, Ge(0)] = 1.0,
                  itc_dim: Annotated[int, Ge(1)] = 256, eval_images: Annotated[int, Ge(1)] = 1000,
                  shortlist_k: Annotated[int, Ge(1)] | None = 128, chunk: Annotated[int, Ge(1)] = 512,
@@ -221,7 +222,7 @@ class RetrievalLitModule(VLTaskModule):
         n = len(batch)
         if n < 2:
             raise ValueError("task=retrieval: a batch needs at least 2 images to draw negatives from")
-        visual = self.model.embedder(batch.images, batch.pixel_mask, batch.boxes, batch.box_features)
+        visual = self.model.embedder(batch.visual_input())
         rng = torch.Generator().manual_seed(int(self.global_step) * 7919 + batch_idx)
         texts = self.negative_texts(n, rng).to(self.device, non_blocking=True)  # [n, 1 + k]; no wait for the GPU
         images = torch.arange(n, device=self.device)[:, None].expand_as(texts)
@@ -251,9 +252,7 @@ class RetrievalLitModule(VLTaskModule):
         take = min(len(batch), self.eval_images - seen)
         if take <= 0:
             return
-        visual = self.model.embedder(batch.images[:take], batch.pixel_mask[:take],
-                                     batch.boxes[:take] if batch.boxes is not None else None,
-                                     batch.box_features[:take] if batch.box_features is not None else None)
+        visual = self.model.embedder(batch.visual_input().select(slice(take)))
         rows = batch.captions_image < take
         ids, attn = batch.captions_ids[rows], batch.captions_mask[rows]
         c["visual"].append(VisualTokens(visual.embeds.float(), visual.mask,

@@ -31,6 +31,8 @@ class VQALitModule(VLTaskModule):
     validation or test pass are kept in ``predictions`` ({question_id, answer}: EvalAI's format).
     """
 
+    METRICS = {"val/vqa_score": "VQA score"}
+
     def __init__(self, model: ViLT, answers: list[str], optimizer: partial | None = None,
                  scheduler: partial | None = None, lr_mults: dict[str, float] | None = None, test_split: bool = True):
         super().__init__(optimizer, scheduler, lr_mults, test_split)
@@ -50,8 +52,7 @@ class VQALitModule(VLTaskModule):
         return self.model
 
     def forward(self, batch: Batch) -> Tensor:
-        out = self.model(batch.input_ids, batch.attention_mask, batch.images, batch.pixel_mask, batch.boxes,
-                         box_features=batch.box_features)
+        out = self.model(batch.input_ids, batch.attention_mask, batch.visual_input())
         return self.vqa_classifier(out.pooler_output).float()
 
     @staticmethod

@@ -9,6 +9,7 @@
 """
 
 from vlm.data.sources.base import (
+    ExampleFiles,
     Shard,
     Source,
     TableSource,
@@ -17,13 +18,14 @@ from vlm.data.sources.base import (
     iter_rows,
     read_bytes,
     read_shard,
+    source_classes,
 )
 from vlm.data.sources.downstream import NLVR2, JsonLines, SyntheticNLVR2, SyntheticVQA, VQAv2, nlvr2_label
 from vlm.data.sources.images import CocoKarpathy, ImageFolder, Parquet, WebDataset
 from vlm.data.sources.video import MSRVTT, WebVid
 
 __all__ = [
-    "MSRVTT", "NLVR2", "CocoKarpathy", "ImageFolder", "JsonLines", "Parquet", "Shard", "Source", "SyntheticNLVR2",
-    "SyntheticVQA", "TableSource", "VQAv2", "WebDataset", "WebVid", "existing_files", "expand_files", "iter_rows",
-    "nlvr2_label", "read_bytes", "read_shard",
+    "MSRVTT", "NLVR2", "CocoKarpathy", "ExampleFiles", "ImageFolder", "JsonLines", "Parquet", "Shard", "Source",
+    "SyntheticNLVR2", "SyntheticVQA", "TableSource", "VQAv2", "WebDataset", "WebVid", "existing_files", "expand_files",
+    "iter_rows", "nlvr2_label", "read_bytes", "read_shard", "source_classes",
 ]

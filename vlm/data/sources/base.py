@@ -12,7 +12,10 @@ read on their own â€” a tar, a parquet row group, a slice of a metadata table â€
 
 Which shards a worker reads and in which order is `ShardStream`'s business, and decoding is
 `vlm.data.decode`'s: a source never decodes an image, so one broken file costs one sample. A source marks
-what it can already tell is unusable (a failed download, a malformed json) with ``bad`` instead of raising.
+what it can already tell is unusable (a failed download, a malformed json) with ``bad`` instead of raising, and
+declares the reasons of its own beyond `vlm.data.decode.REASONS` (``skip_reasons``). A layout a test or bench can
+write from the built-in scenes says how (``write_examples``), so `python -m vlm.data.export` and ``vlm.bench data``
+cover it from its ``conf/data/`` config alone.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from math import ceil
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
 
 from datasets.utils.logging import disable_progress_bar
 
@@ -93,8 +97,36 @@ def read_bytes(path: str) -> bytes | None:
         return None
 
 
+class ExampleFiles(NamedTuple):
+    """What `Source.write_examples` wrote: split -> what to give as ``data.<split>_files``, and the source's
+    arguments that read them as written (beside its config's)."""
+
+    files: dict[str, list[str] | str]
+    source: dict[str, Any]
+
+
 class Source(ABC):
-    """One layout on disk: lists its shards and reads one shard's raw examples."""
+    """One layout on disk: lists its shards and reads one shard's raw examples.
+
+    ``skip_reasons``: the ``bad`` reasons its raw examples may carry beyond `vlm.data.decode.REASONS` (a reason
+    neither lists stops the stream). ``write_examples``: a classmethod writing the built-in scenes in this layout,
+    for tests and benches; a class defines its own or has none (a subclass reads another layout).
+    """
+
+    skip_reasons: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def write_examples(cls, out: str | Path, sizes: dict[str, int], shards: int = 1, seed: int = 0,
+                       failed: float = 0.0, corrupt: float = 0.0) -> ExampleFiles:
+        """The first ``sizes[split]`` built-in scenes of each split in this layout under ``out``, the train split in
+        ``shards`` shards (the others in one), ``failed`` / ``corrupt`` the shares of failed downloads and broken
+        image bytes (`vlm.data.export`)."""
+        raise NotImplementedError(f"{cls.__name__} has no writer of example files")
+
+    @classmethod
+    def writes_examples(cls) -> bool:
+        """Whether the class defines its own `write_examples`."""
+        return "write_examples" in vars(cls)
 
     @abstractmethod
     def shards(self, files: str | Sequence[str], split: str) -> list[Shard]:
@@ -119,6 +151,16 @@ class Source(ABC):
                         n += 1
                         if n >= limit:
                             return
+
+
+def source_classes() -> list[type[Source]]:
+    """Every `Source` subclass defined so far (this package's, and those of any module imported)."""
+    found, todo = [], list(Source.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        found.append(cls)
+        todo += [c for c in cls.__subclasses__() if c not in found]
+    return found
 
 
 def read_shard(source: Source, shard: Shard) -> list[dict]:

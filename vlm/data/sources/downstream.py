@@ -38,6 +38,8 @@ class VQAv2(TableSource):
     marked ``missing_answers``.
     """
 
+    skip_reasons = ("missing_answers",)
+
     def __init__(self, image_root: str | None = None, annotations: str | list[str] | None = None,
                  image_pattern: str = "{subtype}/COCO_{subtype}_{image_id:012d}.jpg", rows_per_shard: int = 1000,
                  cache_dir: str | None = None):
@@ -116,6 +118,8 @@ class JsonLines(Source):
     """A json-lines file cut into shards of ``rows_per_shard`` lines, each line parsed on its own: a malformed
     line costs that line (``bad_json``), never the file. Subclasses turn a record into a raw example."""
 
+    skip_reasons = ("bad_json",)
+
     def __init__(self, rows_per_shard: int = 1000):
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
@@ -173,6 +177,8 @@ class NLVR2(JsonLines):
     it, so that flat layouts read too. ``{split}`` in the root places the split's name elsewhere
     (``DIR/{split}_images``). Explicit ``left_image`` / ``right_image`` paths on a line (relative to the root)
     win. A line with one image or a label other than True/False is marked."""
+
+    skip_reasons = ("bad_json", "bad_label", "missing_pair_image")
 
     def __init__(self, image_root: str | None = None, rows_per_shard: int = 1000):
         super().__init__(rows_per_shard)
@@ -238,6 +244,8 @@ class SyntheticNLVR2(WebDataset):
     (right, drawn again from the generator's ``seed``: the first one from the scene its ``pair`` names on for
     which the statement has a truth drawn beforehand), and whether the statement holds. `balanced_statement`
     draws truth and wording independently, so neither the majority class nor the text alone beats 0.5."""
+
+    skip_reasons = (*WebDataset.skip_reasons, "missing_pair_image")
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from math import ceil
+from pathlib import Path
 from typing import Literal
 
 from datasets import Features, Image, Value, load_dataset
 from datasets.packaged_modules.webdataset.webdataset import WebDataset as _HFWebDataset
 
-from vlm.data.sources.base import Shard, Source, TableSource, existing_files, iter_rows
+from vlm.data.sources.base import ExampleFiles, Shard, Source, TableSource, existing_files, iter_rows
 
 
 class _TarShards(_HFWebDataset):
@@ -35,6 +37,16 @@ class WebDataset(Source):
     xyxy) and their labels come from ``boxes_key`` / ``labels_key`` of ``KEY.json`` when present. A sample
     with no image whose json ``status_key`` is not ``success`` is a failed download (img2dataset).
     """
+
+    skip_reasons = ("failed_download", "bad_json")  # img2dataset's status; a KEY.json that is not an object
+
+    @classmethod
+    def write_examples(cls, out, sizes, shards=1, seed=0, failed=0.0, corrupt=0.0) -> ExampleFiles:
+        """img2dataset's tars (`vlm.data.export.write_webdataset`)."""
+        from vlm.data.export import write_webdataset
+
+        return ExampleFiles({split: write_webdataset(out, split, n, shards if split == "train" else 1, seed, failed,
+                                                     corrupt) for split, n in sizes.items()}, {})
 
     def __init__(
         self,
@@ -97,6 +109,15 @@ class Parquet(Source):
     hold), raw bytes, or a path (relative to ``image_root``, default: the parquet file's folder). Keys come
     from ``key_column`` when set, else ``<file stem>-<row group>-<row>``.
     """
+
+    @classmethod
+    def write_examples(cls, out, sizes, shards=1, seed=0, failed=0.0, corrupt=0.0) -> ExampleFiles:
+        """Hub-style parquet files, keys in a ``key`` column (`vlm.data.export.write_parquet`)."""
+        from vlm.data.export import write_parquet
+
+        return ExampleFiles({split: write_parquet(out, split, n, shards if split == "train" else 1, seed=seed,
+                                                  failed=failed, corrupt=corrupt) for split, n in sizes.items()},
+                            {"key_column": "key"})
 
     def __init__(
         self,
@@ -173,6 +194,17 @@ class CocoKarpathy(TableSource):
     ``image_root/<filepath>/<filename>`` (``image_root`` defaults to the json's folder).
     """
 
+    @classmethod
+    def write_examples(cls, out, sizes, shards=1, seed=0, failed=0.0, corrupt=0.0) -> ExampleFiles:
+        """One ``dataset_coco.json`` for every split (``sizes``: images of Karpathy's splits), five captions an image
+        (`vlm.data.export.write_coco_karpathy`); the train split's images in ``shards`` shards."""
+        from vlm.data.export import write_coco_karpathy
+
+        path = write_coco_karpathy(out, sizes, seed=seed, failed=failed, corrupt=corrupt)
+        rows = ceil(max(1, sizes.get("train", 1)) / shards)
+        return ExampleFiles({split: path for split in sizes},
+                            {"rows_per_shard": rows, "cache_dir": str(Path(out) / "hf-cache")})
+
     def __init__(
         self,
         image_root: str | None = None,
@@ -218,6 +250,17 @@ class ImageFolder(TableSource):
     ``file_name`` column is relative to it, plus a caption column; ``files`` are the metadata files.
     Keys come from ``key_column`` when set, else the image's path relative to the metadata file; boxes
     (pixel xyxy) from ``boxes_column`` when set."""
+
+    @classmethod
+    def write_examples(cls, out, sizes, shards=1, seed=0, failed=0.0, corrupt=0.0) -> ExampleFiles:
+        """``<split>/images/`` + ``<split>/metadata.jsonl`` (`vlm.data.export.write_imagefolder`); the train split
+        in ``shards`` shards."""
+        from vlm.data.export import write_imagefolder
+
+        rows = ceil(max(1, sizes.get("train", 1)) / shards)
+        return ExampleFiles({split: write_imagefolder(out, split, n, seed=seed, failed=failed, corrupt=corrupt)
+                             for split, n in sizes.items()},
+                            {"rows_per_shard": rows, "cache_dir": str(Path(out) / "hf-cache")})
 
     def __init__(self, caption_column: str = "text", key_column: str | None = None, boxes_column: str | None = None,
                  labels_column: str | None = None, rows_per_shard: int = 1000, cache_dir: str | None = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from annotated_types import Ge
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlm.common import VISUAL_FIELDS, VisualInput
 from vlm.errors import ConfigError
 
 
@@ -39,14 +41,15 @@ class VisualTokens:
 
 
 TOKEN_FIELDS = ("boxes", "cls_pos", "pos")  # what VisualTokens may carry beyond embeds and mask
-BATCH_FIELDS = ("boxes", "box_features")  # what an embedder may need from the batch beyond the images
+BATCH_FIELDS = tuple(VISUAL_FIELDS)  # what an embedder may need from the batch beyond the images (`VisualInput`)
 
 
 class VisualEmbedder(nn.Module, ABC):
-    """Base class: ``forward(images, pixel_mask, boxes=None, box_features=None) -> VisualTokens``.
+    """Base class: ``forward(inputs: VisualInput) -> VisualTokens``, called as ``embedder(inputs)``.
 
     The contract is declared, so that a task checks it when it is built rather than in its first step:
-    ``needs``, the batch fields it reads beyond the images (of BATCH_FIELDS), and ``gives``, the `VisualTokens`
+    ``needs``, the `VisualInput` fields it reads beyond the images (of BATCH_FIELDS; checked against what the data
+    gives when the task is built, and against each input when called), and ``gives``, the `VisualTokens`
     fields it fills beyond embeds and mask (of TOKEN_FIELDS: token ``boxes`` for alignment pictures and MPP
     targets, ``pos`` for MPP, ``cls_pos`` for the image CLS). A class sets them, or its ``__init__`` does
     where they depend on its arguments.
@@ -59,6 +62,7 @@ class VisualEmbedder(nn.Module, ABC):
     needs: frozenset[str] = frozenset()
     gives: frozenset[str] = frozenset()
     takes_clips: bool = False  # whether it embeds clips [B, T, 3, H, W] too (`vlm.models.embedders.video`)
+    free_on_resume = frozenset({"max_tokens", "freeze", "lr_mult"})  # leave the weights as they are (`vlm.resume`)
 
     def __init__(self, hidden_size: Annotated[int, Ge(1)], max_tokens: int = -1, freeze: bool = False,
                  lr_mult: Annotated[float, Ge(0)] = 1.0):
@@ -80,11 +84,33 @@ class VisualEmbedder(nn.Module, ABC):
 
         cls.__init__ = init_then_freeze
 
-    def __call__(self, images: Tensor, *args, **kwargs) -> VisualTokens:
+    def __call__(self, inputs: VisualInput) -> VisualTokens:
+        if not isinstance(inputs, VisualInput):
+            raise TypeError(f"{type(self).__name__} takes one VisualInput (vlm.common: images, pixel_mask, boxes, "
+                            f"box_features), got {type(inputs).__name__}")
+        images = inputs.images
         if images.dim() == 5 and not self.takes_clips:
+            from vlm.cli import embedder_choices
+
             raise ConfigError(f"model.embedder: {type(self).__name__} embeds images [B, 3, H, W] and the data holds video "
-                              f"clips {list(images.shape)}: use model/embedder=tubelet, frames or single_frame")
-        return super().__call__(images, *args, **kwargs)
+                              f"clips {list(images.shape)}: use {embedder_choices(lambda c: c.takes_clips)}")
+        self.check(inputs)
+        return super().__call__(inputs)
+
+    def describe(self) -> str:
+        """How an error message names it: its class, and the arguments its ``needs`` depend on."""
+        return type(self).__name__
+
+    def require(self, absent: Mapping[str, str], where: str) -> None:
+        """A one-line ConfigError for the first field it needs that ``where`` lacks: ``absent`` maps each field lacking
+        there to how to get it. The one check of ``needs``, when the task is built and when it is called."""
+        for name in sorted(self.needs):
+            if name in absent:
+                raise ConfigError(f"model.embedder: {self.describe()} reads {name}, which {where}: {absent[name]}")
+
+    def check(self, inputs: VisualInput) -> None:
+        """Every field it needs is in ``inputs``, so that its ``forward`` may rely on them."""
+        self.require({k: how for k, how in VISUAL_FIELDS.items() if k not in inputs.given}, "this batch does not carry")
 
     def lacks(self, wanted: set[str] | frozenset[str]) -> list[str]:
         """Which of the token fields ``wanted`` this embedder does not give."""
@@ -102,26 +128,22 @@ class VisualEmbedder(nn.Module, ABC):
         return super().train(mode and not self.freeze)
 
     @abstractmethod
-    def forward(
-        self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None,
-        box_features: list[Tensor] | None = None,
-    ) -> VisualTokens:
-        """images [B, 3, H, W] normalised, pixel_mask [B, H, W] (True = real pixel), boxes: per image [K, 4]
-        pixel xyxy, box_features: per image [K, F] features of those boxes read from a file (region only)."""
+    def forward(self, inputs: VisualInput) -> VisualTokens:
+        """``inputs``: images [B, 3, H, W] normalised (clips [B, T, 3, H, W] where it ``takes_clips``), pixel_mask
+        [B, H, W] (True = real pixel), and the fields it ``needs`` (checked before this is called)."""
 
-    def cost(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None,
-             box_features: list[Tensor] | None = None) -> dict[str, float]:
+    def cost(self, inputs: VisualInput) -> dict[str, float]:
         """Parameters and forward GFLOPs per image (or clip) on this batch, counted by ``torch.utils.flop_counter``.
 
         The counter sees matrix products and convolutions (2 FLOPs per multiply-add); element-wise work,
         RoIAlign and NMS are not counted, so this is the arithmetic that dominates, not wall-clock.
         """
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self(images, pixel_mask, boxes, box_features)
+            self(inputs)
         return {
             "params": sum(p.numel() for p in self.parameters()),
             "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-            "gflops": counter.get_total_flops() / images.shape[0] / 1e9,
+            "gflops": counter.get_total_flops() / len(inputs) / 1e9,
         }
 
 

@@ -7,10 +7,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from vlm.common import real_extent
-from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
+from vlm.models.embedders.base import VisualEmbedder, VisualInput, VisualTokens, select_tokens
 from vlm.models.embedders.positions import RowColumnEmbedding, sine_2d
 from vlm.models.embedders.trunk import ResNetTrunk
 
@@ -52,9 +52,9 @@ class GridEmbedder(VisualEmbedder):
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
+    def forward(self, inputs: VisualInput) -> VisualTokens:
+        images, mask = inputs.images, inputs.pixel_mask.bool()
         s, d = self.stride, self.hidden_size
-        mask = pixel_mask.bool()
         x = self.trunk(images * mask[:, None].to(images.dtype))
         if self.pool:
             x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)

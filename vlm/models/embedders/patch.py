@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from annotated_types import Ge
-from torch import Tensor, nn
+from torch import nn
 
 from vlm.common import real_extent
-from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
+from vlm.models.embedders.base import VisualEmbedder, VisualInput, VisualTokens, select_tokens
 from vlm.models.embedders.positions import RowColumnEmbedding, resize_grid_table
 
 
@@ -53,7 +53,8 @@ class PatchEmbedder(VisualEmbedder):
             nn.init.trunc_normal_(self.cls_pos, std=0.02)
             self.rows_cols = RowColumnEmbedding(hidden_size, max_grid, max_grid)
 
-    def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
+    def forward(self, inputs: VisualInput) -> VisualTokens:
+        images, pixel_mask = inputs.images, inputs.pixel_mask
         p, d = self.patch_size, self.hidden_size
         x = self.proj(images)  # [B, D, gh, gw]
         gh, gw = x.shape[2:]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from vlm.common import denormalize, real_extent
-from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
+from vlm.models.embedders.base import VisualEmbedder, VisualInput, VisualTokens, select_tokens
 from vlm.models.embedders.positions import box_geometry
 from vlm.models.embedders.trunk import ResNetTrunk, trunk_channels
 
@@ -82,6 +82,9 @@ class RegionEmbedder(VisualEmbedder):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
+    def describe(self) -> str:
+        return f"{type(self).__name__} (box_source={self.box_source})"
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.detector is not None:  # a box proposer: eval mode always (no targets, its own BatchNorm statistics)
@@ -96,21 +99,17 @@ class RegionEmbedder(VisualEmbedder):
         with torch.autocast(images.device.type, enabled=False):
             return [out["boxes"][: self.max_tokens if self.max_tokens > 0 else None] for out in self.detector(crops)]
 
-    def regions(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None,
-                box_features: list[Tensor] | None = None, max_tokens: int | None = None):
+    def regions(self, inputs: VisualInput, max_tokens: int | None = None):
         """Boxes [B, N, 4], their (unprojected) features [B, N, F] and mask [B, N], at most ``max_tokens`` per image."""
+        self.check(inputs)  # also called on its own (`vlm.extract_regions`)
+        images, boxes, box_features = inputs.images, inputs.boxes, inputs.box_features
         cap = self.max_tokens if max_tokens is None else max_tokens
-        mask = pixel_mask.bool()
+        mask = inputs.pixel_mask.bool()
         heights, widths = real_extent(mask)
         if self.box_source == "precomputed":
-            if boxes is None or box_features is None:
-                raise ValueError("box_source=precomputed needs box features from the data: set data.region_features=FILE")
             if any(len(b) != len(f) for b, f in zip(boxes, box_features)):
                 raise ValueError("box_features and boxes differ in length for some image")
-        elif self.box_source == "data":
-            if boxes is None:
-                raise ValueError("box_source=data needs boxes in the batch (the data's json has no boxes)")
-        else:
+        elif self.box_source == "detector":
             boxes = self.detect(images, heights, widths)
             cap = -1  # already the top-scoring ones
         whole = torch.stack([torch.zeros_like(widths), torch.zeros_like(heights), widths, heights], -1).to(images.dtype)
@@ -134,10 +133,9 @@ class RegionEmbedder(VisualEmbedder):
             feats[token_mask] = pooled.mean((2, 3)).to(fmap.dtype)
         return chosen, feats, token_mask
 
-    def forward(self, images: Tensor, pixel_mask: Tensor, boxes: list[Tensor] | None = None,
-                box_features: list[Tensor] | None = None) -> VisualTokens:
-        chosen, feats, token_mask = self.regions(images, pixel_mask, boxes, box_features)
-        heights, widths = real_extent(pixel_mask.bool())
+    def forward(self, inputs: VisualInput) -> VisualTokens:
+        chosen, feats, token_mask = self.regions(inputs)
+        heights, widths = real_extent(inputs.pixel_mask.bool())
         geometry = box_geometry(chosen.float(), widths, heights)
         embeds = self.feat_norm(self.feat_proj(feats.to(self.feat_proj.weight.dtype))) + self.pos_norm(
             self.pos_proj(geometry)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from torch import Tensor, nn
 
-from vlm.models.embedders.base import VisualEmbedder, VisualTokens, select_tokens
+from vlm.models.embedders.base import VisualEmbedder, VisualInput, VisualTokens, select_tokens
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.embedders.positions import RowColumnEmbedding, row_column_fit
 
@@ -112,8 +112,8 @@ class TubeletEmbedder(VisualEmbedder):
         out.update({f"rows_cols.{k}": v for k, v in self.rows_cols.adopted(rows, cols).items()})
         return out, f"patch embedder inflated into tubelet (kernel over {t} frames, {how})"
 
-    def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
-        x, mask, lengths = as_clips(images, pixel_mask)
+    def forward(self, inputs: VisualInput) -> VisualTokens:
+        x, mask, lengths = as_clips(inputs.images, inputs.pixel_mask)
         b, t_in = x.shape[:2]
         t, d = self.tubelet_frames, self.hidden_size
         steps = -(-t_in // t)
@@ -190,8 +190,8 @@ class FramesEmbedder(VisualEmbedder):
         name = "frames" if self.keep == "all" else "single_frame"
         return out, f"patch embedder taken into {name} (every frame's patches as the image's; time positions new)"
 
-    def forward(self, images: Tensor, pixel_mask: Tensor, boxes=None, box_features=None) -> VisualTokens:
-        x, mask, lengths = as_clips(images, pixel_mask)
+    def forward(self, inputs: VisualInput) -> VisualTokens:
+        x, mask, lengths = as_clips(inputs.images, inputs.pixel_mask)
         if self.keep == "middle":
             middle = ((lengths - 1).clamp(min=0) // 2)[:, None]
             x = x.gather(1, middle[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
@@ -202,7 +202,7 @@ class FramesEmbedder(VisualEmbedder):
         if t > self.time_embed.shape[0]:
             raise ValueError(f"a clip of {t} frames is longer than max_frames={self.time_embed.shape[0]}: "
                              "raise model.embedder.max_frames")
-        v = self.patch(x.flatten(0, 1), mask.flatten(0, 1))  # every frame's patches: [B*T, P, D]
+        v = self.patch(VisualInput(x.flatten(0, 1), mask.flatten(0, 1)))  # every frame's patches: [B*T, P, D]
         n = v.embeds.shape[1]
         time = self.time_embed[:t, None, :].to(v.embeds.dtype)  # [T, 1, D]
         embeds = (v.embeds.view(b, t, n, d) + time).flatten(1, 2)

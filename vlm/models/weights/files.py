@@ -110,8 +110,10 @@ def run_checkpoint(path: Path, obj: dict) -> Checkpoint:
         raise ValueError(f"{path}: {e}") from None
     if cfg["embedder"]["_target_"] != PATCH:  # read off the modules for patches only: the run's own node for others
         cfg["embedder"] = {**node["embedder"], "hidden_size": cfg["hidden_size"]}
-    heads = heads_in(state, cfg["hidden_size"], cfg["vocab_size"], cfg["text_layer_norm_eps"])
-    labels = dict(obj.get("labels") or {})
+    heads = dict(obj.get("heads") or {})  # what the run's task held, as it saved them (`export_entries`)
+    if not heads:  # an older training checkpoint: read off the weights
+        heads = heads_in(state, cfg["hidden_size"], cfg["text_layer_norm_eps"])
+    labels = dict(obj.get("labels") or {})  # older checkpoints kept the heads' labels apart
     answers = (obj.get("hyper_parameters") or {}).get("answers")
     if answers and "vqa_classifier" not in labels:  # checkpoints written before labels were kept: VQA's argument
         labels["vqa_classifier"] = answers

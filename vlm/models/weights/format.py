@@ -4,14 +4,15 @@
      "source": "hf" | "original" | "vit" | "vlm",         where the weights came from
      "config": {"_target_": "vlm.models.vilt.ViLT", ...,   the model node, as in conf/model/*.yaml, the
                 "embedder": {"_target_": ..., ...}},       embedder's under "embedder"; None = not known
-     "heads": {"mlm_score": {"_target_": ..., ...}, ...},  one node per task head in the file
+     "heads": {"mlm_score": {"_target_": ..., ...}, ...},  one node per task head in the file (`Head.node`)
      "state_dict": {"model.<ViLT key>": ..., "<head>.<key>": ...},
      "inputs": {"tokenizer": {"<file name>": bytes, ...},  optional: what turns images and text into the
                 "image": {"image_size": ..., ...}}}        model's inputs (`vlm.models.weights.inputs`)
 
 The state-dict keys are our LightningModules' (``model.*``, ``itm_score.*``, ``mlm_score.*``), so a training
-run's checkpoint reads the same way. The model node is made by `vilt_node` and every head node by `head_node`,
-whichever source the weights come from.
+run's checkpoint reads the same way. The model node is made by `vilt_node`, whichever source the weights come
+from; a head's node by the head itself (`vlm.models.heads.Head`), so any head a task holds is saved, loaded and
+exported without being listed here.
 """
 
 from __future__ import annotations
@@ -28,20 +29,13 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from vlm.common import atomic_write
+from vlm.models.heads import Head, head_classes, target_of
 
 log = logging.getLogger("vlm.models.weights")
 
 FORMAT = "vlm-vilt-v1"
 VILT = "vlm.models.vilt.ViLT"
 PATCH = "vlm.models.embedders.patch.PatchEmbedder"
-HEADS = {  # head name in a checkpoint -> the module that holds it
-    "itm_score": "vlm.models.heads.ITMHead",
-    "mlm_score": "vlm.models.heads.MLMHead",
-    "vqa_classifier": "vlm.models.heads.VQAHead",
-    "nlvr2_classifier": "vlm.models.heads.NLVR2Head",
-    "rank_output": "vlm.models.heads.RankHead",
-}
-HEAD_NAMES = tuple(HEADS)
 # must agree between a checkpoint and the model it initialises (the image size may differ: the position
 # table is resized; modality types may be added: new rows start from the image row, as ViLT's NLVR2)
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio", "max_text_len",
@@ -67,21 +61,6 @@ def vilt_node(*, hidden_size: int, num_layers: int, num_heads: int | None, mlp_r
         "embedder": {"_target_": PATCH, "hidden_size": hidden_size, "patch_size": patch_size, "image_size": image_size,
                      "max_tokens": max_tokens, "in_chans": in_chans, "positions": positions},
     }
-
-
-def head_node(name: str, hidden_size: int, *, vocab_size: int | None = None, eps: float | None = None,
-              num_labels: int | None = None, labels: list[str] | None = None, num_images: int | None = None) -> dict:
-    """The node that builds task head ``name`` (a key of HEADS): the one place head nodes are made."""
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}: choose from {', '.join(HEADS)}")
-    node: dict[str, Any] = {"_target_": HEADS[name], "hidden_size": hidden_size}
-    if name == "mlm_score":
-        node.update(vocab_size=vocab_size, eps=eps)
-    elif name == "vqa_classifier":
-        node.update(num_labels=num_labels, labels=labels)
-    elif name == "nlvr2_classifier":
-        node.update(num_images=num_images, num_labels=num_labels, labels=labels)
-    return node
 
 
 def vilt_config(model: nn.Module) -> dict[str, Any]:
@@ -112,54 +91,38 @@ def vilt_config(model: nn.Module) -> dict[str, Any]:
 
 
 def head_config(name: str, head: nn.Module) -> dict[str, Any]:
-    """The node that builds ``head``, read off its modules."""
-    from vlm.models.heads import ITMHead, MLMHead, NLVR2Head, RankHead, VQAHead
-
-    if isinstance(head, ITMHead):
-        return head_node(name, head.fc.in_features)
-    if isinstance(head, MLMHead):
-        return head_node(name, head.decoder.in_features, vocab_size=head.decoder.out_features,
-                         eps=head.transform.LayerNorm.eps)
-    if isinstance(head, VQAHead):
-        return head_node(name, head[0].in_features, num_labels=head[3].out_features, labels=head.labels)
-    if isinstance(head, NLVR2Head):
-        return head_node(name, head[0].in_features // head.num_images, num_images=head.num_images,
-                         num_labels=head[3].out_features, labels=head.labels)
-    if isinstance(head, RankHead):
-        return head_node(name, head.in_features)
-    raise ValueError(f"no checkpoint layout for a {type(head).__name__} head")
+    """The node that builds ``head``, read off its modules (`Head.node`)."""
+    if not isinstance(head, Head):
+        raise ValueError(f"{name}: a {type(head).__name__} is not a vlm.models.heads.Head, which a checkpoint carries")
+    return head.node()
 
 
-def heads_in(state: Mapping[str, Tensor], hidden_size: int, vocab_size: int | None, mlm_eps: float) -> dict[str, dict]:
-    """The node of each task head whose weights ``state`` holds (keyed as ours and the original checkpoints are)."""
+def heads_of(module: nn.Module) -> dict[str, Head]:
+    """The task heads ``module`` holds (its `Head` attributes), by attribute name: what its checkpoint carries."""
+    return {name: child for name, child in module.named_children() if isinstance(child, Head)}
+
+
+def heads_in(state: Mapping[str, Tensor], hidden_size: int, eps: float) -> dict[str, dict]:
+    """The node of each task head whose weights ``state`` holds under its class's ``name`` (a file that records
+    no head nodes: an original checkpoint, an older training run), read off the weights (`Head.config_from_state`);
+    ``eps``: the model's text LayerNorm epsilon, which the MLM head shares."""
+    parts = split_state(state)
     heads = {}
-    if "itm_score.fc.weight" in state:
-        heads["itm_score"] = head_node("itm_score", hidden_size)
-    if "mlm_score.decoder.weight" in state:
-        heads["mlm_score"] = head_node("mlm_score", hidden_size, vocab_size=vocab_size, eps=mlm_eps)
-    if "vqa_classifier.3.weight" in state:
-        heads["vqa_classifier"] = head_node("vqa_classifier", hidden_size,
-                                            num_labels=state["vqa_classifier.3.weight"].shape[0])
-    if "nlvr2_classifier.3.weight" in state:
-        heads["nlvr2_classifier"] = head_node("nlvr2_classifier", hidden_size,
-                                              num_images=state["nlvr2_classifier.0.weight"].shape[1] // hidden_size,
-                                              num_labels=state["nlvr2_classifier.3.weight"].shape[0])
-    if "rank_output.weight" in state:
-        heads["rank_output"] = head_node("rank_output", hidden_size)
+    for cls in head_classes():
+        config = cls.config_from_state(parts[cls.name], hidden_size, eps) if cls.name in parts else None
+        if config is not None:
+            heads.setdefault(cls.name, {"_target_": target_of(cls), **config})
     return heads
 
 
 def checkpoint(model: nn.Module, heads: Mapping[str, nn.Module] | None = None, source: str = "vlm") -> Checkpoint:
-    """Our checkpoint of ``model`` and its task ``heads`` (name -> module, names as in HEADS)."""
+    """Our checkpoint of ``model`` and its task ``heads`` (name -> `Head`, as a task names them: `heads_of`)."""
     heads = dict(heads or {})
-    unknown = set(heads) - set(HEADS)
-    if unknown:
-        raise ValueError(f"unknown head name(s) {sorted(unknown)}: choose from {', '.join(HEADS)}")
+    nodes = {n: head_config(n, h) for n, h in heads.items()}
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     for name, head in heads.items():
         state.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
-    return {"format": FORMAT, "source": source, "config": vilt_config(model),
-            "heads": {n: head_config(n, h) for n, h in heads.items()}, "state_dict": state}
+    return {"format": FORMAT, "source": source, "config": vilt_config(model), "heads": nodes, "state_dict": state}
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
@@ -223,12 +186,12 @@ def load_into(model: nn.Module, ckpt: Checkpoint, origin: str = "checkpoint") ->
 
 
 def load_heads(module: nn.Module, ckpt: Checkpoint, origin: str = "checkpoint") -> list[str]:
-    """Load every head of ``ckpt`` that ``module`` has under the same name (``itm_score``, ...); their names."""
+    """Load every head of ``ckpt`` that ``module`` holds under the same name (`heads_of`: ``itm_score``, ...);
+    their names."""
     state = split_state(ckpt["state_dict"])
     loaded = []
-    for name in HEADS:
-        head = getattr(module, name, None)
-        if name in state and isinstance(head, nn.Module):
+    for name, head in heads_of(module).items():
+        if name in state:
             own = head.state_dict()
             for k, v in state[name].items():
                 if k in own and v.shape != own[k].shape:
@@ -316,13 +279,27 @@ def _adopt_embedder(model: nn.Module, state: dict[str, Tensor], cfg: Mapping[str
     except ValueError as e:
         raise ValueError(f"{origin} has a {source}, the model a {ours}: {e}") from None
     if made is None:
-        raise ValueError(f"{origin} has a {source}, the model a {ours}: "
-                         f"set model/embedder={source.removesuffix('Embedder').lower()}")
+        raise ValueError(f"{origin} has a {source}, the model a {ours}: {_choose_embedder(theirs)}")
     weights, what = made
     state = {**{k: v for k, v in state.items() if not k.startswith("embedder.")},
              **{f"embedder.{k}": v for k, v in weights.items()}}
     fresh = {f"embedder.{k}" for k in emb.state_dict()} - state.keys()
     return state, fresh, what
+
+
+def _choose_embedder(target: str) -> str:
+    """What to set to build the embedder class ``target`` names: the ``model/embedder`` configs that build it."""
+    from hydra.utils import get_class
+
+    from vlm.cli import embedder_names
+
+    try:
+        names = embedder_names(get_class(target))
+    except Exception:  # a class this installation cannot import: no config of ours builds it
+        names = []
+    if not names:
+        return f"set model.embedder._target_={target} (no model/embedder config builds it)"
+    return f"set model/embedder={names[0]}" + (f" (or {', '.join(names[1:])})" if len(names) > 1 else "")
 
 
 def _fit_position_table(state: dict[str, Tensor], own: Mapping[str, Tensor], origin: str) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlm.models.heads import Head, head_classes, target_of
 from vlm.models.weights.format import (
     FORMAT,
     PATCH,
@@ -24,7 +25,6 @@ from vlm.models.weights.format import (
     build,
     checkpoint,
     few,
-    head_node,
     meta_module,
     rename,
     split_state,
@@ -53,13 +53,21 @@ FACTORISED = ("transformers' ViLT resizes ViT's position table to each image, an
               "tables instead (model.embedder.positions=factorised): it cannot be exported to the transformers layout "
               "(--out CKPT keeps it in ours)")
 _HF_QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
-# transformers task class -> (our head name, renames of its keys)
-_HF_TASKS = {
-    "ViltForMaskedLM": ("mlm_score", [(r"mlm_score\.bias$", "mlm_score.decoder.bias"), (r"mlm_score\.", "mlm_score.")]),
-    "ViltForQuestionAnswering": ("vqa_classifier", [(r"vqa_classifier\.", "classifier.")]),
-    "ViltForImagesAndTextClassification": ("nlvr2_classifier", [(r"nlvr2_classifier\.", "classifier.")]),
-    "ViltForImageAndTextRetrieval": ("rank_output", [(r"rank_output\.", "rank_output.")]),
-}
+
+
+def hf_heads() -> dict[str, type[Head]]:
+    """transformers task class -> the head class that holds its head (each head declares its `Head.hf_class`)."""
+    return {cls.hf_class: cls for cls in head_classes() if cls.hf_class}
+
+
+def hf_class_of(node: Mapping[str, Any]) -> str | None:
+    """The transformers task class that holds the head a node builds (None: none does)."""
+    return next((arch for arch, cls in hf_heads().items() if target_of(cls) == node.get("_target_")), None)
+
+
+def hf_exportable(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's heads that a transformers task class holds."""
+    return [name for name, node in ckpt["heads"].items() if hf_class_of(node)]
 
 
 def hf_config_to_ours(c) -> dict[str, Any]:
@@ -150,8 +158,9 @@ def hf_checkpoint(source, config=None, trust_pickle: bool = False) -> Checkpoint
     else:
         state = dict(source)
         arch = _hf_class_of(state, config)
-    if arch != "ViltModel" and arch not in _HF_TASKS:
-        raise ValueError(f"{arch}: not a ViLT class this project reads (ViltModel, {', '.join(_HF_TASKS)})")
+    tasks = hf_heads()
+    if arch != "ViltModel" and arch not in tasks:
+        raise ValueError(f"{arch}: not a ViLT class this project reads (ViltModel, {', '.join(tasks)})")
     cfg = hf_config_to_ours(config)
     prefix = "vilt." if arch != "ViltModel" else ""
     used: set[str] = set()
@@ -160,11 +169,11 @@ def hf_checkpoint(source, config=None, trust_pickle: bool = False) -> Checkpoint
         names = [prefix + n for n in _hf_names(key)]
         ours[f"model.{key}"] = take(state, names, used, arch)
     heads = {}
-    if arch in _HF_TASKS:
-        name, rules = _HF_TASKS[arch]
-        heads[name] = _hf_head_node(name, config)
-        for key in meta_module(heads[name]).state_dict():
-            ours[f"{name}.{key}"] = take(state, [rename(f"{name}.{key}", rules)], used, arch)
+    if arch in tasks:
+        cls = tasks[arch]
+        heads[cls.name] = {"_target_": target_of(cls), **cls.config_from_hf(config)}
+        for key in meta_module(heads[cls.name]).state_dict():
+            ours[f"{cls.name}.{key}"] = take(state, [rename(key, cls.hf_keys)], used, arch)
     left = sorted(set(state) - used)
     if left:
         raise ValueError(f"{arch}: weights with no place in our ViLT: {few(left)}")
@@ -184,8 +193,7 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
                          ".hydra/config.yaml beside checkpoints/): convert it through a model of known config")
     if "model.embedder.cls_pos" in ckpt["state_dict"]:  # written before configs recorded the positions
         raise ValueError(FACTORISED)
-    classes = {name: arch for arch, (name, _) in _HF_TASKS.items()}
-    exportable = [n for n in ckpt["heads"] if n in classes]
+    exportable = hf_exportable(ckpt)
     if head is None:
         if len(exportable) > 1:
             raise ValueError(f"several heads transformers can hold ({', '.join(exportable)}): choose one")
@@ -195,7 +203,7 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
     left_out = sorted(set(ckpt["heads"]) - {head})
     if left_out:
         log.info("to transformers: left out %s", ", ".join(left_out))
-    arch = classes[head] if head else "ViltModel"
+    arch = hf_class_of(ckpt["heads"][head]) if head else "ViltModel"
     node = ckpt["heads"][head] if head else None
     hf = getattr(transformers, arch)(hf_config(cfg, node))
     state = split_state(ckpt["state_dict"])
@@ -206,8 +214,8 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
         for name, part in zip(names, value.chunk(len(names)) if len(names) > 1 else [value]):
             out[prefix + name] = part
     if head:
-        rules = _HF_TASKS[arch][1]
-        out.update({rename(f"{head}.{k}", rules): v for k, v in state[head].items()})
+        rules = hf_heads()[arch].hf_keys
+        out.update({rename(k, rules): v for k, v in state[head].items()})
     if arch == "ViltForMaskedLM" and not torch.equal(out["mlm_score.decoder.weight"],
                                                      out["vilt.embeddings.text_embeddings.word_embeddings.weight"]):
         raise ValueError("transformers' ViltForMaskedLM ties mlm_score.decoder.weight to the word embeddings, "
@@ -220,7 +228,8 @@ def hf_model(ckpt: Checkpoint, head: str | None = None):
 
 def hf_head_name(hf) -> str | None:
     """Our name of the head a ``transformers`` ViLT holds (None: ``ViltModel``)."""
-    return _HF_TASKS.get(type(hf).__name__, (None,))[0]
+    cls = hf_heads().get(type(hf).__name__)
+    return cls.name if cls else None
 
 
 def mlm_tied(ckpt: Checkpoint) -> bool:
@@ -240,22 +249,17 @@ def to_hf_vilt(model: nn.Module, heads: Mapping[str, nn.Module] | None = None, h
     return hf_model(checkpoint(model, heads), head)
 
 
-def _hf_head_node(name: str, c) -> dict[str, Any]:
-    """The node of our head that holds a transformers task class's head."""
-    labels = [str(c.id2label[i]) for i in range(c.num_labels)]  # e.g. VQA's answers
-    return head_node(name, c.hidden_size, vocab_size=c.vocab_size, eps=c.layer_norm_eps, num_labels=c.num_labels,
-                     labels=labels, num_images=getattr(c, "num_images", None))
-
-
 def _hf_class_of(state: Mapping[str, Tensor], c) -> str:
-    """Which ``transformers`` class a bare state dict comes from, by its head's keys."""
-    if "mlm_score.decoder.weight" in state:
-        return "ViltForMaskedLM"
-    if "rank_output.weight" in state:
-        return "ViltForImageAndTextRetrieval"
-    if "classifier.0.weight" in state:
-        wide = state["classifier.0.weight"].shape[1] != c.hidden_size
-        return "ViltForImagesAndTextClassification" if wide else "ViltForQuestionAnswering"
+    """Which ``transformers`` class a bare state dict comes from: the one whose head (as ``c`` sizes it) has all
+    its weights there, in their shapes."""
+    for arch, cls in hf_heads().items():
+        try:
+            own = meta_module({"_target_": target_of(cls), **cls.config_from_hf(c)}).state_dict()
+        except (ValueError, RuntimeError):  # c cannot size this head
+            continue
+        theirs = {rename(k, cls.hf_keys): v.shape for k, v in own.items()}
+        if all(k in state and state[k].shape == shape for k, shape in theirs.items()):
+            return arch
     return "ViltModel"
 
 
@@ -273,7 +277,7 @@ def _load_hf_dir(path: Path, trust_pickle: bool = False):
     if config.model_type != "vilt":
         raise ValueError(f"{path}: a {config.model_type!r} model, not ViLT")
     arch = (config.architectures or ["ViltModel"])[0]
-    if arch != "ViltModel" and arch not in _HF_TASKS:
+    if arch != "ViltModel" and arch not in hf_heads():
         raise ValueError(f"{path}: {arch} is not a ViLT class this project reads")
     cls = getattr(transformers, arch)
     if any(path.glob("*.safetensors")):

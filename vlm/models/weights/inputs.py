@@ -1,5 +1,6 @@
 """What turns an image and a text into a model's inputs, kept with the weights so that an export carries it: the
-run's tokenizer (its files) and image transform (ViLT's resize and normalisation), and each head's class labels.
+run's tokenizer (its files) and image transform (ViLT's resize and normalisation), and each head's node (its class
+labels among its arguments).
 
 A training checkpoint keeps them (`export_entries`, at save time: a run's tokenizer is a folder beside its data,
 which a checkpoint outlives), our checkpoint carries them (``inputs``, and ``labels`` in the head nodes), and
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.common import MEAN, STD
-from vlm.models.weights.format import HEAD_NAMES, Checkpoint
+from vlm.models.weights.format import Checkpoint, heads_of
 
 # ViltImageProcessor caps the longer side at this ratio of the shorter (COCO's 1333 / 800), whatever it is given
 HF_LONGER_RATIO = 1333 / 800
@@ -27,14 +28,14 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
 
 
 def export_entries(task, datamodule) -> dict[str, Any]:
-    """What a training checkpoint keeps beside its weights for an export: ``labels`` (head name -> the class of
-    each output: VQA's answers, NLVR2's False / True) and ``inputs``: ``tokenizer`` (its files) and ``image``
-    (the evaluation transform's resize and normalisation, `vlm.data.transforms.build_transform`)."""
+    """What a training checkpoint keeps beside its weights for an export: ``heads`` (head name -> the node that
+    builds it again, `Head.node`, with the class of each output where it has labels: VQA's answers, NLVR2's
+    False / True) and ``inputs``: ``tokenizer`` (its files) and ``image`` (the evaluation transform's resize and
+    normalisation, `vlm.data.transforms.build_transform`)."""
     out: dict[str, Any] = {}
-    labels = {name: list(head.labels) for name in HEAD_NAMES
-              if (head := getattr(task, name, None)) is not None and getattr(head, "labels", None)}
-    if labels:
-        out["labels"] = labels
+    heads = {name: head.node() for name, head in heads_of(task).items()}
+    if heads:
+        out["heads"] = heads
     inputs: dict[str, Any] = {}
     if getattr(datamodule, "image_size", None) is not None:
         size = datamodule.image_size

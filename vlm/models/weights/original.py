@@ -46,7 +46,7 @@ def original_checkpoint(obj: Mapping[str, Any], num_heads: int | None = None) ->
     used: set[str] = set()
     ours = {f"model.{k}": take(state, [rename(k, _ORIGINAL_MODEL)], used, "original checkpoint")
             for k in meta_module(cfg).state_dict()}
-    heads = heads_in(state, cfg["hidden_size"], cfg.get("vocab_size"), BERT_EPS)
+    heads = heads_in(state, cfg["hidden_size"], BERT_EPS)
     for name, node in heads.items():
         for key in meta_module(node).state_dict():
             ours[f"{name}.{key}"] = take(state, [f"{name}.{key}"], used, "original checkpoint")
