@@ -5,7 +5,7 @@ from vlm.common import VisualInput
 from vlm.models.embedders.patch import PatchEmbedder
 from vlm.models.vilt import ViLT
 from vlm.tasks.pretrain import PretrainLitModule
-from vlm.tasks.retrieval import recall_at, rerank_shortlists, score_pair_list, score_pairs
+from vlm.tasks.ranking import recall_at, rerank_shortlists, score_pair_list, score_pairs
 
 
 def test_recall_at_by_hand():

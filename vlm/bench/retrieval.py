@@ -3,7 +3,7 @@ R@1/5/10 both ways.
 
 Exhaustive ranking runs the cross-encoder on every (image, text) pair, N^2 passes; two-stage ranking shortlists
 k candidates per query by the model's own dual-encoder (ITC) embeddings and re-ranks only those, at most 2Nk
-passes (`vlm.tasks.retrieval.rerank_shortlists`). Both arms start from the same gathered visual tokens; each
+passes (`vlm.tasks.ranking.rerank_shortlists`). Both arms start from the same gathered visual tokens; each
 arm's time counts what it needs: exhaustive the visual tokens alone, two-stage also the unimodal passes that
 give the ITC embeddings.
 """

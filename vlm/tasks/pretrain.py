@@ -19,7 +19,7 @@ from vlm.models import objectives
 from vlm.models.heads import ITCHead, ITMHead, MLMHead, MPPHead
 from vlm.models.vilt import ViLT, init_weights
 from vlm.tasks.base import VLTaskModule
-from vlm.tasks.retrieval import zero_shot_retrieval
+from vlm.tasks.ranking import zero_shot_retrieval
 
 OBJECTIVES = ("itm", "mlm", "wpa", "mpp", "itc")
 MPP_CLASSES = 512  # mean colour, 3 bits per channel
