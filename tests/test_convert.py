@@ -60,14 +60,14 @@ def test_a_training_checkpoint_converts_with_its_runs_config(run_dir, tmp_path, 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     main(["--from", str(ckpt), "--to-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours.pt")])
     out = capsys.readouterr().out
-    assert "2 layers x 128, 4 heads, patch 32" in out and "heads: itm_score, mlm_score, mpp_score" in out
+    assert "2 layers x 128, 4 heads, patch 32" in out and "heads: itm_score, itc, mlm_score, mpp_score" in out
     hf = transformers.ViltModel.from_pretrained(tmp_path / "hf")  # the untied MLM head is left out, with a note
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(hf.embeddings.patch_embeddings.projection.weight, state["model.embedder.proj.weight"])
     assert torch.equal(hf.encoder.layer[1].output.dense.weight, state["model.blocks.1.mlp.fc2.weight"])
     model, heads = weights.build(read_checkpoint(tmp_path / "ours.pt"))
-    # every head the run's task held (its MPP head too: task.objectives.mpp=1.0), none transformers holds exported
-    assert set(heads) == {"itm_score", "mlm_score", "mpp_score"}
+    # every head the run's task held (its MPP head too: task.objectives.mpp=1.0; ITC by default), none transformers holds exported
+    assert set(heads) == {"itc", "itm_score", "mlm_score", "mpp_score"}
     assert torch.equal(heads["itm_score"].fc.weight, state["itm_score.fc.weight"])
     assert torch.equal(heads["mpp_score"].decoder.weight, state["mpp_score.decoder.weight"])
 

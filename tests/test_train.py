@@ -77,7 +77,7 @@ def test_init_from_starts_model_and_heads_from_a_checkpoint(data_dir, tmp_path):
     with torch.no_grad():  # weights no fresh initialisation (same seed) can reproduce
         for p in task.parameters():
             p.add_(0.5)
-    heads = {"itm_score": task.itm_score, "mlm_score": task.mlm_score}
+    heads = {"itm_score": task.itm_score, "mlm_score": task.mlm_score, "itc": task.itc}
     save_checkpoint(checkpoint(task.model, heads), tmp_path / "ours.pt")
     _, started, _ = build(compose_config([*common, f"model.init_from={tmp_path / 'ours.pt'}"], str(tmp_path / "b")))
     for k, v in task.state_dict().items():
