@@ -4,7 +4,7 @@
 #   1. a learning rate per arm, picked on a short budget (hparams_search=tune_lr, 1,600 pairs, seed 0)
 #   2. equal steps: every arm at 400 steps of 16, seeds 0-2, at its tuned rate
 #   3. equal FLOPs: patches at the grid arm's mean training FLOPs of step 2 (trainer.budget.flops)
-#   4. the image control: the same runs on the dot scenes, every ITM negative a foil
+#   4. the image control: region (the declared control) and patch on the dot scenes, every ITM negative a foil
 set -euo pipefail
 PY=${PY:-python}
 DEST=${DEST:-experiments/compare_embedders/raw}
@@ -39,5 +39,5 @@ stamp flops end
 
 stamp control start
 $PY -m vlm.train -m -cd $T +tuned=lr experiment=compare_embedders data=synthetic_control \
-  task.collate.itm_foil_fraction=1.0 seed=0,1,2 model/embedder=patch,grid,region hydra.sweep.dir=$C
+  task.collate.itm_foil_fraction=1.0 seed=0,1,2 model/embedder=region,patch hydra.sweep.dir=$C
 stamp control end
