@@ -21,6 +21,22 @@ def test_progress_lines_when_output_is_not_a_terminal(data_dir, tmp_path):
     assert [ln.split()[1] for ln in lines if "validation:" in ln] == ["3", "6"] and "val/itm_acc" in lines[-1]
 
 
+def test_progress_lines_follow_a_budget_not_max_steps(data_dir, tmp_path):
+    """A run stopped by a budget counts its progress and time left by the budget's share spent."""
+    res = subprocess.run(
+        [sys.executable, "-m", "vlm.train", "logger=none", f"paths.data_dir={data_dir}", *SMALL_DATA,
+         "trainer.max_steps=100000", "trainer.budget.samples=48", "trainer.val_check_interval=1000",
+         "+trainer.limit_val_batches=1", "data.batch_size=8", "data.num_workers=0", "task.test_split=false",
+         "callbacks.progress_bar.every=2", "callbacks.model_checkpoint=null", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    progress = [ln for ln in res.stdout.splitlines() if ln.startswith("step ") and "it/s" in ln]
+    assert [" ".join(ln.split()[:5]) for ln in progress] == [
+        "step 2 (33% of the", "step 4 (67% of the", "step 6 (100% of the"], progress
+    assert progress[-1].endswith("ETA 0:00")
+
+
 def budget_run(data_dir, out, *overrides) -> dict:
     """A short in-process run on the small built-in data; its results.json."""
     import json

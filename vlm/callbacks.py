@@ -273,10 +273,18 @@ class ProgressBar(RichProgressBar):
         step, total = trainer.global_step, trainer.max_steps
         if step == self._step0 or (step % self.every and step != total) or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        rate = (step - self._step0) / max(time.perf_counter() - self._t0, 1e-9)
+        took = max(time.perf_counter() - self._t0, 1e-9)
+        rate = (step - self._step0) / took
         loss = trainer.callback_metrics.get("train/loss")
-        left = (total - step) / rate if rate > 0 and total > 0 else 0.0
-        print(f"step {step}/{total}" + (f"  loss {float(loss):.4f}" if loss is not None else "")
+        budget = Budget.of(trainer)
+        if budget is not None and budget.active:  # a budget stops the run, most likely long before max_steps
+            done = budget.progress(trainer)
+            where = f"step {step} ({done:.0%} of the budget)"
+            left = took * (1 - done) / done if done > 0 else 0.0  # since this process started, as the rate is
+        else:
+            where = f"step {step}/{total}"
+            left = (total - step) / rate if rate > 0 and total > 0 else 0.0
+        print(where + (f"  loss {float(loss):.4f}" if loss is not None else "")
               + f"  {rate:.2f} it/s  ETA {int(left // 60)}:{int(left % 60):02d}", flush=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
