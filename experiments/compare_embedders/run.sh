@@ -4,7 +4,9 @@
 #   1. a learning rate per arm, picked on a short budget (hparams_search=tune_lr, 1,600 pairs, seed 0)
 #   2. equal steps: every arm at 400 steps of 16, seeds 0-2, at its tuned rate
 #   3. equal FLOPs: patches at the grid arm's mean training FLOPs of step 2 (trainer.budget.flops)
-#   4. the image control: region (the declared control) and patch on the dot scenes, every ITM negative a foil
+#   4. three more region seeds at equal steps (its three first seeds were too far apart for an interval)
+#   5. the image control: region (the declared control) and patch on the dot scenes, every ITM negative a foil
+#      (not run for the committed study: README.md)
 set -euo pipefail
 PY=${PY:-python}
 DEST=${DEST:-experiments/compare_embedders/raw}
@@ -36,6 +38,11 @@ stamp flops start "trainer.budget.flops=$FLOPS"
 $PY -m vlm.train -m -cd $T +tuned=lr experiment=compare_embedders seed=0,1,2 model/embedder=patch \
   trainer.budget.flops=$FLOPS trainer.max_steps=100000 hydra.sweep.dir=$F
 stamp flops end
+
+stamp region_seeds start
+$PY -m vlm.train -m -cd $T +tuned=lr experiment=compare_embedders seed=3,4,5 model/embedder=region \
+  hydra.sweep.dir=$L/pretrain/steps_region_more_seeds
+stamp region_seeds end
 
 stamp control start
 $PY -m vlm.train -m -cd $T +tuned=lr experiment=compare_embedders data=synthetic_control \
