@@ -258,12 +258,15 @@ class ProgressBar(RichProgressBar):
         if self.lines:
             self.disable()
         self._t0 = self._step0 = None
+        self._done0 = 0.0
 
     def _get_train_description(self, current_epoch: int) -> str:  # the run is counted in steps, not epochs
         return "train"
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
+        budget = Budget.of(trainer)  # a resumed run has spent part of its budget before this process's clock
+        self._done0 = budget.progress(trainer) if budget is not None and budget.active else 0.0
         if not self.lines:
             super().on_train_start(trainer, pl_module)
 
@@ -280,7 +283,7 @@ class ProgressBar(RichProgressBar):
         if budget is not None and budget.active:  # a budget stops the run, most likely long before max_steps
             done = budget.progress(trainer)
             where = f"step {step} ({done:.0%} of the budget)"
-            left = took * (1 - done) / done if done > 0 else 0.0  # since this process started, as the rate is
+            left = took * (1 - done) / (done - self._done0) if done > self._done0 else 0.0
         else:
             where = f"step {step}/{total}"
             left = (total - step) / rate if rate > 0 and total > 0 else 0.0
